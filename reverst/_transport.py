@@ -1,0 +1,636 @@
+"""The gevent shell around aioquic: UDP endpoints, connections and blocking streams.
+
+* :class:`Endpoint` owns one UDP socket and one reader greenlet.  It drains a batch of
+  datagrams, feeds each to its connection (routed by destination connection id), then
+  lets every touched connection process its events and transmit once.
+* :class:`Connection` drives one :class:`~reverst.quic.TunnelQuicConnection`: a single
+  libev timer, transmits coalesced per loop iteration, and event dispatch that only
+  buffers data and wakes greenlets (it never runs application code).
+* :class:`Stream` (raw bytes, used for registration) and :class:`H3Stream` (one HTTP/3
+  request) give greenlets ``read()``/``write()``/``close()``/``reset()`` with
+  back-pressure both ways.  A closed connection wakes every waiter with its reason.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import socket as _stdsocket
+import time
+from typing import Callable
+
+import gevent
+import gevent.event
+import gevent.queue
+import gevent.socket
+from aioquic.buffer import Buffer
+from aioquic.h3 import events as h3e
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import (
+    QuicPacketType, encode_quic_version_negotiation, pull_quic_header,
+)
+
+from .errors import ConnectionClosed, StreamReset
+from .http3 import H3_NO_ERROR, H3_REQUEST_CANCELLED, ReversedH3Connection
+from .protocol import AppErrorCode
+from .quic import TunnelQuicConnection
+
+logger = logging.getLogger(__name__)
+
+#: A writer blocks while more than this many bytes are queued and unacknowledged.
+SEND_HIGH_WATER = 1024 * 1024
+SEND_LOW_WATER = SEND_HIGH_WATER // 2
+RECV_BATCH = 64
+MAX_DATAGRAM = 65536
+
+now = time.monotonic
+
+
+class Endpoint:
+    """One UDP socket; many connections (server) or one (client)."""
+
+    def __init__(self, sock: gevent.socket.socket, *, server_config: QuicConfiguration | None = None,
+                 on_connection: Callable[["Connection"], None] | None = None,
+                 connection_options: dict | None = None) -> None:
+        self.sock = sock
+        self._raw = sock._sock  # the non-blocking stdlib socket under gevent's
+        self._server_config = server_config
+        self._on_connection = on_connection
+        self._connection_options = connection_options or {}
+        self._by_cid: dict[bytes, Connection] = {}
+        self.connections: set[Connection] = set()
+        self.dropped_datagrams = 0
+        self._reader: gevent.Greenlet | None = None
+
+    @classmethod
+    def bind(cls, host: str, port: int, **kwargs) -> "Endpoint":
+        infos = _stdsocket.getaddrinfo(host, port, type=_stdsocket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        sock = gevent.socket.socket(family, _stdsocket.SOCK_DGRAM)
+        try:
+            if family == _stdsocket.AF_INET6:
+                sock.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 0)
+            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVBUF, 4 * 1024 * 1024)
+            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, 4 * 1024 * 1024)
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, **kwargs)
+
+    @property
+    def address(self) -> tuple:
+        return self.sock.getsockname()
+
+    def start(self) -> None:
+        self._reader = gevent.spawn(self._read_loop)
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn._terminated()
+        if self._reader is not None:
+            self._reader.kill(block=False)
+        self.sock.close()
+
+    # -- connections --------------------------------------------------------------
+    def connect(self, addr: tuple, configuration: QuicConfiguration, **options) -> "Connection":
+        quic = TunnelQuicConnection(configuration=configuration, **options)
+        conn = Connection(self, quic, addr)
+        quic.connect(addr, now=now())
+        conn.transmit()
+        return conn
+
+    def _add(self, conn: "Connection") -> None:
+        self.connections.add(conn)
+        for cid in conn.cids:
+            self._by_cid[cid] = conn
+
+    def _remove(self, conn: "Connection") -> None:
+        self.connections.discard(conn)
+        for cid in conn.cids:
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        conn.cids.clear()
+
+    def _route(self, data: bytes, addr: tuple, t: float) -> "Connection | None":
+        if self._server_config is None:  # client: one connection per socket
+            conn = next(iter(self.connections), None)
+        else:
+            try:
+                header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            except ValueError:
+                self.dropped_datagrams += 1
+                return None
+            conn = self._by_cid.get(header.destination_cid)
+            if conn is None:
+                conn = self._accept(header, data, addr)
+        if conn is not None:
+            conn.quic.receive_datagram(data, addr, t)
+        return conn
+
+    def _accept(self, header, data: bytes, addr: tuple) -> "Connection | None":
+        cfg = self._server_config
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+            self.dropped_datagrams += 1
+            return None
+        if header.version not in cfg.supported_versions:
+            self._raw.sendto(encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=cfg.supported_versions), addr)
+            return None
+        quic = TunnelQuicConnection(
+            configuration=cfg, original_destination_connection_id=header.destination_cid,
+            **self._connection_options)
+        conn = Connection(self, quic, addr)
+        conn.cids.add(header.destination_cid)
+        self._add(conn)
+        if self._on_connection is not None:
+            self._on_connection(conn)
+        return conn
+
+    def _read_loop(self) -> None:
+        recvfrom, raw_recvfrom = self.sock.recvfrom, self._raw.recvfrom
+        while True:
+            try:
+                batch = [recvfrom(MAX_DATAGRAM)]
+            except OSError:
+                if self.sock.closed:
+                    return
+                logger.debug("recvfrom failed", exc_info=True)
+                continue
+            while len(batch) < RECV_BATCH:
+                try:
+                    batch.append(raw_recvfrom(MAX_DATAGRAM))
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+            t = now()
+            touched: dict[Connection, None] = {}
+            for data, addr in batch:
+                try:
+                    conn = self._route(data, addr, t)
+                except Exception:  # a datagram must never take the endpoint down
+                    self.dropped_datagrams += 1
+                    logger.exception("dropping a datagram from %s", addr)
+                    continue
+                if conn is not None:
+                    touched[conn] = None
+            for conn in touched:
+                conn.process()
+
+    def _sendto(self, data: bytes, addr: tuple) -> None:
+        try:
+            self._raw.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.dropped_datagrams += 1  # it is UDP: QUIC retransmits
+        except OSError as exc:
+            logger.debug("sendto %s failed: %s", addr, exc)
+
+
+class Connection:
+    """One QUIC connection driven from the gevent loop."""
+
+    def __init__(self, endpoint: Endpoint, quic: TunnelQuicConnection, addr: tuple) -> None:
+        self.endpoint = endpoint
+        self.quic = quic
+        self.peer = addr
+        self.cids: set[bytes] = {quic.host_cid}
+        self.h3: ReversedH3Connection | None = None
+        self.handshake_done = gevent.event.Event()
+        self.closed = gevent.event.Event()
+        self.close_reason: ConnectionClosed | None = None
+        self.connected_at = time.time()
+        #: called (in the loop, must not block) with each new H3 request stream (HTTP server role)
+        self.on_request: Callable[["H3Stream"], None] | None = None
+        self._close_callbacks: list[Callable[["Connection"], None]] = []
+        self._raw: dict[int, Stream] = {}
+        self._h3streams: dict[int, H3Stream] = {}
+        self._pending: list[qe.QuicEvent] = []
+        self._incoming_raw: gevent.queue.Queue = gevent.queue.Queue()
+        self._blocked_writers: set[Stream] = set()
+        self._loop = gevent.get_hub().loop
+        self._timer = None
+        self._timer_at: float | None = None
+        self._transmit_scheduled = False
+        endpoint._add(self)
+
+    def __repr__(self) -> str:
+        state = "CLOSED" if self.closed.is_set() else ("OPEN" if self.handshake_done.is_set() else "HANDSHAKE")
+        return (f"<Connection peer={_fmt_addr(self.peer)} {state} "
+                f"streams={len(self._h3streams) + len(self._raw)}>")
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed.is_set()
+
+    def on_close(self, callback: Callable[["Connection"], None]) -> None:
+        if self.closed.is_set():
+            callback(self)
+        else:
+            self._close_callbacks.append(callback)
+
+    # -- driving aioquic ------------------------------------------------------------
+    def process(self) -> None:
+        """Handle everything aioquic queued, wake blocked writers and transmit."""
+        try:
+            self._process_events()
+        except Exception:
+            logger.exception("%r: internal error", self)
+            self.quic.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase="internal error")
+        if self._blocked_writers:
+            for stream in list(self._blocked_writers):
+                if stream._error is not None or self.quic.send_buffered(stream.stream_id) <= SEND_LOW_WATER:
+                    self._blocked_writers.discard(stream)
+                    stream._writable.set()
+        self.transmit()
+
+    def schedule_transmit(self) -> None:
+        """Coalesce the sends of one loop iteration into one transmit."""
+        if not self._transmit_scheduled:
+            self._transmit_scheduled = True
+            self._loop.run_callback(self._scheduled_transmit)
+
+    def _scheduled_transmit(self) -> None:
+        if self._transmit_scheduled:
+            self.transmit()
+
+    def transmit(self) -> None:
+        self._transmit_scheduled = False
+        sendto = self.endpoint._sendto
+        for data, addr in self.quic.datagrams_to_send(now=now()):
+            sendto(data, addr)
+        self._check_closed()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        at = self.quic.get_timer()
+        if at is None:
+            self._stop_timer()
+            return
+        if self._timer is not None and self._timer_at <= at:
+            return  # the armed timer fires first and re-arms
+        self._stop_timer()
+        self._timer = self._loop.timer(max(0.0, at - now()))
+        self._timer_at = at
+        self._timer.start(self._on_timer)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._stop_timer()
+        self.quic.handle_timer(now=now())
+        self.process()
+
+    # -- events ---------------------------------------------------------------------
+    def _process_events(self) -> None:
+        quic = self.quic
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, (qe.StreamDataReceived, qe.StreamReset, qe.StopSendingReceived)):
+                self._stream_event(event)
+            elif isinstance(event, qe.HandshakeCompleted):
+                self.handshake_done.set()
+            elif isinstance(event, qe.ConnectionIdIssued):
+                self.cids.add(event.connection_id)
+                self.endpoint._by_cid[event.connection_id] = self
+            elif isinstance(event, qe.ConnectionIdRetired):
+                self.cids.discard(event.connection_id)
+                if self.endpoint._by_cid.get(event.connection_id) is self:
+                    del self.endpoint._by_cid[event.connection_id]
+            elif isinstance(event, qe.ConnectionTerminated):
+                self._terminated(event)
+        self._check_closed()
+
+    def _stream_event(self, event) -> None:
+        sid = event.stream_id
+        raw = self._raw.get(sid)
+        if raw is not None:
+            raw._on_quic_event(event)
+        elif self.h3 is not None:
+            self._h3_event(event)
+        elif isinstance(event, qe.StreamDataReceived) and sid % 4 == 0 and not self.quic._is_client:
+            raw = self._raw[sid] = Stream(self, sid)
+            raw._on_quic_event(event)
+            self._incoming_raw.put(raw)
+        else:  # H3 traffic racing ahead of registration: replay when H3 is attached
+            self._pending.append(event)
+
+    def _h3_event(self, event) -> None:
+        h3 = self.h3
+        sid = event.stream_id
+        bidi = sid & 2 == 0
+        if bidi and not h3.is_request_stream(sid):
+            return  # e.g. a second registration attempt: never parsed as HTTP/3
+        if isinstance(event, (qe.StreamDataReceived, qe.StreamReset)):
+            stream = self._h3streams.get(sid)
+            if stream is not None and stream._discarding:
+                if isinstance(event, qe.StreamReset) or event.end_stream:
+                    self._forget(stream)
+                return
+        for ev in h3.handle_event(event):
+            stream = self._h3streams.get(ev.stream_id)
+            if isinstance(ev, h3e.HeadersReceived):
+                if stream is None:
+                    if self.on_request is None or not h3.is_request_stream(ev.stream_id):
+                        continue
+                    stream = self._h3streams[ev.stream_id] = H3Stream(self, ev.stream_id)
+                    stream._on_headers(ev.headers, ev.stream_ended)
+                    self.quic.busy += 1
+                    self.on_request(stream)
+                else:
+                    stream._on_headers(ev.headers, ev.stream_ended)
+            elif isinstance(ev, h3e.DataReceived) and stream is not None:
+                stream._on_data(ev.data, ev.stream_ended)
+        if isinstance(event, (qe.StreamReset, qe.StopSendingReceived)):
+            stream = self._h3streams.get(sid)
+            if stream is not None:
+                stream._on_quic_event(event)
+            if isinstance(event, qe.StreamReset):
+                h3.forget_stream(sid)
+
+    def attach_h3(self, *, http_client: bool) -> ReversedH3Connection:
+        """Start HTTP/3 on this connection (after registration) and replay early events."""
+        self.h3 = ReversedH3Connection(self.quic, http_client=http_client)
+        pending, self._pending = self._pending, []
+        for event in pending:
+            self._h3_event(event)
+        self.schedule_transmit()
+        return self.h3
+
+    # -- streams ----------------------------------------------------------------------
+    def open_stream(self) -> "Stream":
+        """Open a raw client-initiated bidirectional stream (registration)."""
+        self._raise_if_closed()
+        sid = self.quic.get_next_available_stream_id()
+        stream = self._raw[sid] = Stream(self, sid)
+        return stream
+
+    def accept_stream(self, timeout: float | None = None) -> "Stream":
+        """Wait for the peer's next raw bidirectional stream."""
+        self._raise_if_closed()
+        item = self._incoming_raw.get(timeout=timeout)
+        if item is None:
+            raise self.close_reason
+        return item
+
+    def open_request(self, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> "H3Stream":
+        """Send request HEADERS on a new stream (HTTP client role)."""
+        self._raise_if_closed()
+        sid = self.quic.get_next_available_stream_id()
+        stream = self._h3streams[sid] = H3Stream(self, sid)
+        self.quic.busy += 1
+        self.h3.send_headers(sid, headers, end_stream=end_stream)
+        stream._send_ended = end_stream
+        self.schedule_transmit()
+        return stream
+
+    def _forget(self, stream: "Stream") -> None:
+        if self._h3streams.get(stream.stream_id) is stream:
+            del self._h3streams[stream.stream_id]
+            self.quic.busy -= 1
+            if self.h3 is not None:
+                self.h3.forget_stream(stream.stream_id)
+        elif self._raw.get(stream.stream_id) is stream:
+            del self._raw[stream.stream_id]
+        self._blocked_writers.discard(stream)
+        if self.quic.release(stream.stream_id):
+            self.schedule_transmit()
+
+    # -- closing ----------------------------------------------------------------------
+    def close(self, error_code: int = AppErrorCode.OK, reason: str = "") -> None:
+        if not self.closed.is_set():
+            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self.transmit()
+
+    def _raise_if_closed(self) -> None:
+        if self.close_reason is not None:
+            raise self.close_reason
+
+    def _check_closed(self) -> None:
+        if self.close_reason is None:
+            event = self.quic.closed_event
+            if event is not None:
+                self._mark_closed(event)
+
+    def _mark_closed(self, event: qe.ConnectionTerminated) -> None:
+        if self.close_reason is not None:
+            return
+        self.close_reason = ConnectionClosed(
+            event.reason_phrase or "connection closed", event.error_code,
+            application=event.frame_type is None)
+        self.closed.set()
+        for stream in list(self._raw.values()) + list(self._h3streams.values()):
+            stream._fail(self.close_reason)
+        self._incoming_raw.put(None)
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                logger.exception("close callback failed")
+
+    def _terminated(self, event: qe.ConnectionTerminated | None = None) -> None:
+        self._mark_closed(event or qe.ConnectionTerminated(
+            error_code=AppErrorCode.OK, frame_type=None, reason_phrase="endpoint closed"))
+        self._stop_timer()
+        self._raw.clear()
+        self._h3streams.clear()
+        self._blocked_writers.clear()
+        self.endpoint._remove(self)
+
+
+class Stream:
+    """A blocking-style view of one bidirectional QUIC stream."""
+
+    def __init__(self, conn: Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._eof = False
+        self._error: Exception | None = None  # fails reads (and writes)
+        self._send_error: Exception | None = None  # fails writes only
+        self._send_ended = False
+        self._discarding = False
+        self._readable = gevent.event.Event()
+        self._writable = gevent.event.Event()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.stream_id} peer={_fmt_addr(self.conn.peer)}>"
+
+    # called from the connection's event processing (never blocks)
+    def _on_quic_event(self, event) -> None:
+        if isinstance(event, qe.StreamDataReceived):
+            self._on_data(event.data, event.end_stream)
+        elif isinstance(event, qe.StreamReset):
+            self._fail(StreamReset(self.stream_id, event.error_code))
+        elif isinstance(event, qe.StopSendingReceived):
+            self._send_error = StreamReset(self.stream_id, event.error_code)
+            self._writable.set()
+
+    def _on_data(self, data: bytes, end: bool) -> None:
+        if data:
+            if self._discarding:
+                return
+            self._chunks.append(data)
+            self.conn.quic.hold(self.stream_id, len(data))
+        if end:
+            self._eof = True
+        self._readable.set()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._readable.set()
+        self._writable.set()
+
+    # -- reading ------------------------------------------------------------------------
+    def read(self, n: int = -1, timeout: float | None = None) -> bytes:
+        """Up to ``n`` bytes (all buffered if n < 0); b"" at end of stream.
+
+        Raises :class:`StreamReset` or :class:`ConnectionClosed`, and
+        ``gevent.Timeout`` after ``timeout`` seconds without data.
+        """
+        chunks = self._chunks
+        while not chunks:
+            if self._eof:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._readable.clear()
+            if not self._readable.wait(timeout):
+                raise gevent.Timeout(timeout)
+        if n < 0:
+            data = b"".join(chunks)
+            chunks.clear()
+        else:
+            data = chunks.popleft()
+            if len(data) > n:
+                chunks.appendleft(data[n:])
+                data = data[:n]
+        if self.conn.quic.release(self.stream_id, len(data)):
+            self.conn.schedule_transmit()
+        return data
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    # -- writing ------------------------------------------------------------------------
+    def _send(self, data: bytes, end: bool) -> None:
+        self.conn.quic.send_stream_data(self.stream_id, data, end)
+
+    def write(self, data: bytes, end: bool = False) -> None:
+        """Queue ``data``; blocks while the peer has not acknowledged enough."""
+        self._check_writable()
+        self._send(data, end)
+        self._send_ended = end
+        conn = self.conn
+        conn.schedule_transmit()
+        while conn.quic.send_buffered(self.stream_id) > SEND_HIGH_WATER:
+            self._check_writable()
+            conn._blocked_writers.add(self)
+            self._writable.clear()
+            self._writable.wait()
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        if self._send_error is not None:
+            raise self._send_error
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """End our sending side (FIN)."""
+        if not self._send_ended and self._send_error is None and self._error is None:
+            self.write(b"", end=True)
+
+    def reset(self, error_code: int = H3_REQUEST_CANCELLED) -> None:
+        """Abort both directions of the stream."""
+        self._shut(error_code, error_code)
+        self._fail(StreamReset(self.stream_id, error_code))
+
+    def finish(self, stop_reading: bool = True) -> None:
+        """Done with the stream: reset an unfinished send side and, unless told
+        otherwise, ask the peer to stop an unfinished receive side."""
+        if stop_reading:
+            self._shut(H3_REQUEST_CANCELLED, H3_NO_ERROR)
+        else:
+            self._eof = True
+            self._shut(H3_REQUEST_CANCELLED, H3_NO_ERROR)
+
+    def _shut(self, reset_code: int, stop_code: int) -> None:
+        conn = self.conn
+        if not conn.is_open:
+            conn._forget(self)
+            return
+        quic = conn.quic
+        if not self._send_ended and self._send_error is None and self._error is None:
+            quic.reset_stream(self.stream_id, reset_code)
+        self._send_ended = True
+        if self._eof or self._error is not None:
+            conn._forget(self)
+        elif not self._discarding:
+            # Ask the peer to stop; drop what still arrives until its FIN or reset,
+            # so late frames never reach the HTTP/3 parser as a "new" stream.
+            quic.stop_stream(self.stream_id, stop_code)
+            self._discarding = True
+            self._chunks.clear()
+            quic.release(self.stream_id)
+        conn.schedule_transmit()
+
+
+class H3Stream(Stream):
+    """One HTTP/3 request/response exchange."""
+
+    def __init__(self, conn: Connection, stream_id: int) -> None:
+        super().__init__(conn, stream_id)
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self._headers_ready = gevent.event.Event()
+
+    def _on_headers(self, headers, end: bool) -> None:
+        if self.headers is None:
+            if headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
+                return  # an interim (1xx) response: wait for the final one
+            self.headers = headers
+            self._headers_ready.set()
+        else:
+            self.trailers = headers
+        if end:
+            self._on_data(b"", True)
+
+    def _on_quic_event(self, event) -> None:
+        super()._on_quic_event(event)
+        if isinstance(event, qe.StreamReset):
+            self._headers_ready.set()
+
+    def _fail(self, exc: Exception) -> None:
+        super()._fail(exc)
+        self._headers_ready.set()
+
+    def wait_headers(self, timeout: float | None = None) -> list[tuple[bytes, bytes]]:
+        if not self._headers_ready.wait(timeout):
+            raise gevent.Timeout(timeout)
+        if self.headers is None:
+            raise self._error or ConnectionClosed("no response headers")
+        return self.headers
+
+    def _send(self, data: bytes, end: bool) -> None:
+        self.conn.h3.send_data(self.stream_id, data, end)
+
+    def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool = False) -> None:
+        self._check_writable()
+        self.conn.h3.send_headers(self.stream_id, headers, end_stream=end)
+        self._send_ended = end
+        self.conn.schedule_transmit()
+
+
+def _fmt_addr(addr) -> str:
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

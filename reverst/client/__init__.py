@@ -1,0 +1,239 @@
+"""The tunnel client: dial ``reverstd``, register in a group, serve a WSGI app.
+
+    from reverst.client import serve, BasicAuth
+    serve(app, "tunnel.example.com:7171", tunnel_group="app.example.com",
+          auth=BasicAuth("user", "pass"))
+"""
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import gevent
+import gevent.event
+from aioquic.quic.configuration import QuicConfiguration
+
+from .. import protocol
+from .._transport import Connection, Endpoint
+from ..auth import basic_authorization, bearer_authorization
+from ..errors import (BadRequest, ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
+                      ServerError, Unauthorized)
+from ._handler import WSGIHandler
+
+__all__ = ["BasicAuth", "BearerAuth", "Client", "serve", "Unauthorized", "BadRequest", "NotFound",
+           "ServerError"]
+
+logger = logging.getLogger("reverst.client")
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: str
+    scheme: str = "Basic"
+
+    def authorization(self) -> str:
+        return basic_authorization(self.username, self.password, self.scheme)
+
+    def __repr__(self) -> str:
+        return f"BasicAuth(username={self.username!r}, password='***', scheme={self.scheme!r})"
+
+
+@dataclass(frozen=True)
+class BearerAuth:
+    token: str
+    scheme: str = "Bearer"
+
+    def authorization(self) -> str:
+        return bearer_authorization(self.token, self.scheme)
+
+    def __repr__(self) -> str:
+        return f"BearerAuth(token='***', scheme={self.scheme!r})"
+
+
+def _split_address(address) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        return address[0], int(address[1])
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid tunnel address {address!r}: expected host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Client:
+    """Keeps one tunnel connection registered and serves ``app`` through it.
+
+    ``dial_and_serve()`` blocks until :meth:`stop` is called or registration fails for
+    good (:class:`Unauthorized`/:class:`BadRequest` at once; :class:`NotFound` and
+    server errors after ``max_retries`` attempts, forever by default).  A dropped
+    connection is re-dialled with capped exponential backoff.
+    """
+
+    def __init__(self, app, tunnel_address, *, tunnel_group: str, server_name: str | None = None,
+                 auth: BasicAuth | BearerAuth | None = None, ca_file: str | None = None,
+                 insecure: bool = False, on_ready: Callable[["Client"], None] | None = None,
+                 max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
+                 app_threads: int = 64, max_retries: int | None = None,
+                 backoff: tuple[float, float] = (0.1, 30.0), handshake_timeout: float = 10.0,
+                 dead_peer_timeout: float = 5.0) -> None:
+        self.app = app
+        self.host, self.port = _split_address(tunnel_address)
+        self.tunnel_group = tunnel_group
+        self.server_name = server_name or self.host
+        self.auth = auth
+        self.ca_file = ca_file
+        self.insecure = insecure
+        self.on_ready = on_ready
+        self.max_idle_timeout = max_idle_timeout
+        self.keep_alive_period = keep_alive_period
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.handshake_timeout = handshake_timeout
+        self.dead_peer_timeout = dead_peer_timeout
+        self._handler = WSGIHandler(app, threads=app_threads)
+        self._stopping = gevent.event.Event()
+        self.connection: Connection | None = None
+        self._endpoint: Endpoint | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connection is not None and self.connection.is_open else "disconnected"
+        return f"<Client {self.host}:{self.port} group={self.tunnel_group!r} {state}>"
+
+    # -- public API -------------------------------------------------------------------
+    def dial_and_serve(self) -> None:
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    conn = self._dial_and_register()
+                except (Unauthorized, BadRequest):
+                    raise
+                except (ReverstError, OSError, gevent.Timeout) as exc:
+                    self._close_endpoint()
+                    if self._stopping.is_set():
+                        break
+                    failures += 1
+                    if self.max_retries is not None and failures > self.max_retries:
+                        raise
+                    delay = self._delay(failures)
+                    logger.warning("registration with %s:%d failed (%s); retrying in %.1fs",
+                                   self.host, self.port, exc, delay)
+                    self._stopping.wait(delay)
+                    continue
+                failures = 0
+                logger.info("registered with %s:%d in group %r", self.host, self.port, self.tunnel_group)
+                if self.on_ready is not None:
+                    self.on_ready(self)
+                gevent.wait([conn.closed, self._stopping], count=1)
+                if not self._stopping.is_set():
+                    logger.warning("tunnel connection lost: %s; reconnecting", conn.close_reason)
+                    self._close_endpoint()
+                    self._stopping.wait(self._delay(1))
+        finally:
+            self._close_endpoint()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving: close the tunnel connection (code 0x0) and return."""
+        self._stopping.set()
+        conn = self.connection
+        if conn is not None and conn.is_open:
+            deadline = gevent.Timeout(timeout)
+            deadline.start()
+            try:
+                while self._handler.active:
+                    gevent.sleep(0.05)
+            except gevent.Timeout:
+                pass
+            finally:
+                deadline.close()
+            conn.close(protocol.AppErrorCode.OK, "client closing")
+        self._handler.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------
+    def _delay(self, failures: int) -> float:
+        low, high = self.backoff
+        delay = min(high, low * 2 ** (failures - 1))
+        return delay * random.uniform(0.9, 1.1)
+
+    def _configuration(self) -> QuicConfiguration:
+        import ssl
+        cfg = QuicConfiguration(
+            is_client=True, alpn_protocols=[protocol.ALPN], server_name=self.server_name,
+            idle_timeout=self.max_idle_timeout, max_datagram_size=1452,
+            max_stream_data=4 * 1024 * 1024, max_data=16 * 1024 * 1024,
+        )
+        if self.insecure:
+            cfg.verify_mode = ssl.CERT_NONE
+        elif self.ca_file:
+            cfg.load_verify_locations(cafile=self.ca_file)
+        return cfg
+
+    def _close_endpoint(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
+
+    def _dial_and_register(self) -> Connection:
+        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        self._endpoint = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        self._endpoint.start()
+        conn = self._endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
+                                      dead_peer_timeout=self.dead_peer_timeout)
+        self.connection = conn
+        try:
+            with gevent.Timeout(self.handshake_timeout, ServerError("handshake timed out")):
+                gevent.wait([conn.handshake_done, conn.closed], count=1)
+            if conn.close_reason is not None:
+                raise self._error(conn.close_reason)
+            stream = conn.open_stream()
+            metadata = {"Authorization": self.auth.authorization()} if self.auth else None
+            stream.write(protocol.encode_request(protocol.RegisterRequest(self.tunnel_group, metadata)))
+            decoder = protocol.MessageDecoder()
+            with gevent.Timeout(self.handshake_timeout, ServerError("registration timed out")):
+                while (obj := decoder.feed(stream.read(4096))) is None:
+                    if stream.at_eof:
+                        # Go's server FINs the stream and then closes the connection:
+                        # wait for the close to learn why.
+                        conn.closed.wait()
+                        raise conn.close_reason
+            response = protocol.decode_response_untrusted(obj)
+            error = protocol.error_for_response_code(response.code)
+            if error is not None:
+                raise error
+            conn.on_request = self._handler
+            conn.attach_h3(http_client=False)
+            stream.close()
+            stream.finish()
+            return conn
+        except ConnectionClosed as exc:
+            raise self._error(exc) from None
+        except ProtocolViolation as exc:
+            conn.close(protocol.AppErrorCode.CLIENT_ERROR, "bad response")
+            raise ServerError(f"bad registration response: {exc}") from None
+        except BaseException:
+            conn.close(protocol.AppErrorCode.OK, "registration aborted")
+            raise
+
+    @staticmethod
+    def _error(closed: ConnectionClosed) -> Exception:
+        if closed.application and closed.error_code is not None:
+            return protocol.error_for_close(closed.error_code, closed.reason)
+        return ServerError(f"unexpected error: {closed}")
+
+
+def serve(app, tunnel_address, *, tunnel_group: str, **options) -> None:
+    """Expose the WSGI ``app`` through ``reverstd`` at ``tunnel_address``; blocks.
+
+    Options are those of :class:`Client`.
+    """
+    Client(app, tunnel_address, tunnel_group=tunnel_group, **options).dial_and_serve()

@@ -1,0 +1,320 @@
+"""The tunnel groups file (PROTOCOL §5): YAML → frozen dataclasses, strictly validated.
+
+Every error is a one-line :class:`~reverst.errors.ConfigError` naming the source and the
+key path, e.g. ``groups.yml: groups."app".authentication.basic.password: required``.
+Secrets never appear in errors or reprs; bearer tokens are kept only as SHA-256 sums.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Union
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+BEARER_SOURCES = ("token", "tokenPath", "hashedToken", "hashedTokenPath")
+_SCHEME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+_HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_MAX_SECRET_FILE = 64 * 1024
+
+
+@dataclass(frozen=True, repr=False)
+class BasicStrategy:
+    name: ClassVar[str] = "basic"
+    username: str
+    password: str
+    scheme: str = "Basic"
+
+    def __repr__(self) -> str:
+        return f"BasicStrategy(username={self.username!r}, password='***', scheme={self.scheme!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class BearerStrategy:
+    name: ClassVar[str] = "bearer"
+    token_sha256: bytes
+    scheme: str = "Bearer"
+    source: str = "token"  # the key it came from, with the file for *Path keys
+
+    def __repr__(self) -> str:
+        return f"BearerStrategy(token_sha256='***', scheme={self.scheme!r}, source={self.source!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class ExternalStrategy:
+    name: ClassVar[str] = "external"
+    endpoint: str
+    scheme: str = "Bearer"
+
+    def __repr__(self) -> str:
+        parts = urlsplit(self.endpoint)
+        endpoint = self.endpoint
+        if parts.password is not None:
+            endpoint = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
+        return f"ExternalStrategy(endpoint={endpoint!r}, scheme={self.scheme!r})"
+
+
+Strategy = Union[BasicStrategy, BearerStrategy, ExternalStrategy]
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    hosts: tuple[str, ...] = ()
+    strategies: tuple[Strategy, ...] = ()
+
+    @property
+    def is_open(self) -> bool:
+        """True when the group has no authentication strategy at all."""
+        return not self.strategies
+
+
+@dataclass(frozen=True)
+class GroupsConfig:
+    source: str
+    groups: Mapping[str, Group]
+    _by_host: Mapping[str, Group] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_host: dict[str, Group] = {}
+        for group in self.groups.values():
+            for host in group.hosts:
+                other = by_host.setdefault(host, group)
+                if other is not group:
+                    raise ConfigError(f"{self.source}: groups.{_q(group.name)}.hosts: host {_q(host)} "
+                                      f"is already in group {_q(other.name)}")
+        object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
+        object.__setattr__(self, "_by_host", MappingProxyType(by_host))
+
+    def group_for_host(self, host: str) -> Group | None:
+        """The group whose ``hosts`` contains exactly ``host`` (no port), if any."""
+        return self._by_host.get(host)
+
+    def group(self, name: str) -> Group | None:
+        return self.groups.get(name)
+
+
+def load_groups(source: str) -> GroupsConfig:
+    """Read and validate the groups file at ``source`` (a path or ``file:///path``)."""
+    if source.startswith("k8s://"):
+        raise ConfigError(f"{source}: Kubernetes sources are not supported yet")
+    path = _local_path(source)
+    if path is None:
+        raise ConfigError(f"{source}: unsupported source (use a path or file:///path)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte offset {exc.start})") from exc
+    return parse_groups(text, source)
+
+
+def parse_groups(text: str, source: str, *, base_dir: str | None = None) -> GroupsConfig:
+    """Validate groups YAML; relative secret paths resolve against ``base_dir``,
+    by default the directory of ``source`` (the working directory for non-file sources)."""
+    if base_dir is None:
+        base_dir = os.path.dirname(_local_path(source) or "")
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{source}: {where}invalid YAML: {_one_line(exc.problem or exc.context)}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {_one_line(str(exc).splitlines()[0])}") from exc
+    return _Parser(source, base_dir).groups_config(doc)
+
+
+def _q(value: Any) -> str:
+    """Quote a name for a message: always one line, always ASCII."""
+    return json.dumps(str(value))
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _local_path(source: str) -> str | None:
+    if source.startswith("file://"):
+        return source[len("file://"):]
+    return None if _URL_SCHEME.match(source) else source
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_q(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class _Parser:
+    def __init__(self, source: str, base_dir: str) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def error(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {path}: {message}")
+
+    def mapping(self, value: Any, path: str, keys: tuple[str, ...] | None = None) -> dict:
+        """``value`` as a dict (null = empty) whose keys are all in ``keys``."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(path, "must be a mapping")
+        for key in value if keys is not None else ():
+            if key not in keys:
+                name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else _q(key)
+                raise self.error(f"{path}.{name}" if path else name, "unknown key")
+        return value
+
+    def string(self, raw: dict, key: str, path: str, default: str | None = None) -> str:
+        value = raw.get(key)
+        if value is None:
+            if default is None:
+                raise self.error(f"{path}.{key}", "required")
+            return default
+        if not isinstance(value, str):
+            raise self.error(f"{path}.{key}", "must be a string (quote it)")
+        if not value:
+            raise self.error(f"{path}.{key}", "must not be empty")
+        return value
+
+    def scheme(self, raw: dict, path: str, default: str) -> str:
+        scheme = self.string(raw, "scheme", path, default)
+        if not _SCHEME.fullmatch(scheme):
+            raise self.error(f"{path}.scheme", "must be a single word such as Basic or Bearer")
+        return scheme
+
+    def groups_config(self, doc: Any) -> GroupsConfig:
+        if doc is None:
+            raise self.error("groups", "required")
+        if not isinstance(doc, dict):
+            raise self.error("(top level)", "must be a mapping with a groups key")
+        self.mapping(doc, "", ("groups",))  # unknown top-level keys
+        if "groups" not in doc:
+            raise self.error("groups", "required")
+        raw_groups = doc["groups"]
+        if not isinstance(raw_groups, dict):
+            raise self.error("groups", "must be a mapping of group names to groups")
+        groups = {}
+        for name, raw in raw_groups.items():
+            if not isinstance(name, str) or not name:
+                raise self.error(f"groups.{_q(name)}", "group name must be a non-empty string (quote it)")
+            groups[name] = self.group(name, raw)
+        return GroupsConfig(self.source, groups)
+
+    def group(self, name: str, raw: Any) -> Group:
+        path = f"groups.{_q(name)}"
+        raw = self.mapping(raw, path, ("hosts", "authentication"))
+        hosts = self.hosts(raw.get("hosts"), f"{path}.hosts")
+        path += ".authentication"
+        auth = self.mapping(raw.get("authentication"), path, ("basic", "bearer", "external"))
+        strategies: list[Strategy] = []
+        for key, build in (("basic", self.basic), ("bearer", self.bearer), ("external", self.external)):
+            if key in auth:
+                strategies.append(build(auth[key], f"{path}.{key}"))
+        by_scheme: dict[str, Strategy] = {}
+        for strategy in strategies:
+            other = by_scheme.setdefault(strategy.scheme.lower(), strategy)
+            if other is not strategy:
+                raise self.error(path, f"{other.name} and {strategy.name} both use scheme {_q(strategy.scheme)}")
+        return Group(name, hosts, tuple(strategies))
+
+    def hosts(self, value: Any, path: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(host, str) for host in value):
+            raise self.error(path, "must be a list of strings")
+        for i, host in enumerate(value):
+            if not host or host != host.strip():
+                raise self.error(f"{path}[{i}]", "must be a non-empty host name without spaces")
+        return tuple(dict.fromkeys(value))  # drop repeats, keep order
+
+    def basic(self, raw: Any, path: str) -> BasicStrategy:
+        raw = self.mapping(raw, path, ("username", "password", "scheme"))
+        return BasicStrategy(self.string(raw, "username", path), self.string(raw, "password", path),
+                             self.scheme(raw, path, "Basic"))
+
+    def bearer(self, raw: Any, path: str) -> BearerStrategy:
+        raw = self.mapping(raw, path, BEARER_SOURCES + ("scheme",))
+        given = [key for key in BEARER_SOURCES if key in raw]
+        if len(given) != 1:
+            found = f" (found {', '.join(given)})" if given else ""
+            raise self.error(path, f"{'only ' if given else ''}one of {', '.join(BEARER_SOURCES)} "
+                                   f"is {'allowed' if given else 'required'}{found}")
+        key = given[0]
+        value = self.string(raw, key, path)
+        scheme = self.scheme(raw, path, "Bearer")
+        if key == "token":
+            return BearerStrategy(hashlib.sha256(value.encode()).digest(), scheme, key)
+        if key == "hashedToken":
+            return BearerStrategy(self.hex_sha256(value, f"{path}.{key}", "must be"), scheme, key)
+        file = self.secret_path(value, f"{path}.{key}")
+        data = self.read_secret(file, f"{path}.{key}")
+        if key == "tokenPath":
+            if not data.rstrip():
+                raise self.error(f"{path}.{key}", f"file {file} is empty")
+            return BearerStrategy(hashlib.sha256(data.rstrip()).digest(), scheme, f"{key}:{file}")
+        text = data.decode("ascii", "replace")
+        return BearerStrategy(self.hex_sha256(text, f"{path}.{key}", f"file {file} must hold"), scheme,
+                              f"{key}:{file}")
+
+    def external(self, raw: Any, path: str) -> ExternalStrategy:
+        raw = self.mapping(raw, path, ("endpoint", "scheme"))
+        endpoint = self.string(raw, "endpoint", path)
+        try:
+            parts = urlsplit(endpoint)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 -- raises ValueError on a bad port
+        except ValueError:
+            valid = False
+        if not valid:
+            raise self.error(f"{path}.endpoint", "must be an http:// or https:// URL")
+        return ExternalStrategy(endpoint, self.scheme(raw, path, "Bearer"))
+
+    def hex_sha256(self, text: str, path: str, what: str) -> bytes:
+        text = text.strip()
+        if not _HEX_SHA256.fullmatch(text):
+            raise self.error(path, f"{what} 64 hex digits (a SHA-256 sum)")
+        return bytes.fromhex(text)
+
+    def secret_path(self, value: str, path: str) -> str:
+        if value.startswith("k8s://"):
+            raise self.error(path, "Kubernetes secrets are not supported yet")
+        if value.startswith("file://"):
+            value = value[len("file://"):]
+        return os.path.abspath(os.path.join(self.base_dir, value))
+
+    def read_secret(self, file: str, path: str) -> bytes:
+        try:
+            with open(file, "rb") as f:
+                data = f.read(_MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            raise self.error(path, f"cannot read {file}: {exc.strerror or exc}") from exc
+        if len(data) > _MAX_SECRET_FILE:
+            raise self.error(path, f"file {file} is larger than {_MAX_SECRET_FILE} bytes")
+        return data

@@ -1,0 +1,96 @@
+"""HTTP/3 with the roles reversed (sans-io).
+
+In a tunnel the QUIC client (the tunnel client) is the HTTP/3 *server* and ``reverstd``
+(the QUIC server) is the HTTP/3 *client*, sending requests on server-initiated
+bidirectional streams 1, 5, 9...  aioquic's :class:`H3Connection` takes its HTTP role
+from the QUIC role; this is the one place that bends it.  Tested with aioquic 1.7.x
+(see the pin in setup.cfg and tests/test_http3.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+from aioquic.h3.connection import H3Connection, H3Stream
+from aioquic.quic.connection import QuicConnection, stream_is_client_initiated, stream_is_unidirectional
+
+#: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, Go's list).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+})
+#: Connection-specific fields that make an HTTP/3 peer reject the message (RFC 9114 §4.2).
+CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
+                                 "transfer-encoding", "upgrade"})
+
+H3_NO_ERROR = 0x100
+H3_INTERNAL_ERROR = 0x102
+H3_REQUEST_CANCELLED = 0x10C
+H3_MESSAGE_ERROR = 0x10E
+
+
+class ReversedH3Connection(H3Connection):
+    """An :class:`H3Connection` whose HTTP role is given, not taken from QUIC.
+
+    ``http_client=True`` on the QUIC server (reverstd sends requests);
+    ``http_client=False`` on the QUIC client (the tunnel client answers them).
+    """
+
+    def __init__(self, quic: QuicConnection, *, http_client: bool) -> None:
+        self._http_client = http_client
+        super().__init__(quic)
+
+    # H3Connection assigns self._is_client from the QUIC role in __init__; every use of
+    # it is an HTTP-role decision except the unidirectional-stream bookkeeping below.
+    @property
+    def _is_client(self) -> bool:  # type: ignore[override]
+        return self._http_client
+
+    @_is_client.setter
+    def _is_client(self, quic_is_client: bool) -> None:
+        self._quic_is_client = quic_is_client
+
+    @contextlib.contextmanager
+    def _get_or_create_stream(self, stream_id: int):
+        if stream_id not in self._stream:
+            stream = H3Stream(stream_id)
+            if stream_is_unidirectional(stream_id):
+                # Which half of a unidirectional stream exists follows the QUIC role.
+                if stream_is_client_initiated(stream_id) == self._quic_is_client:
+                    stream.receiving_ended = True
+                else:
+                    stream.sending_ended = True
+            self._stream[stream_id] = stream
+        stream = self._stream[stream_id]
+        try:
+            yield stream
+        finally:
+            if stream.is_ended():
+                self._stream.pop(stream_id)
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop a request stream's state after a reset (aioquic only does it for 0 mod 4)."""
+        self._stream.pop(stream_id, None)
+
+    def is_request_stream(self, stream_id: int) -> bool:
+        """Bidirectional streams opened by the HTTP client side carry requests."""
+        return not stream_is_unidirectional(stream_id) and (
+            stream_is_client_initiated(stream_id) != (self._http_client != self._quic_is_client))
+
+
+def connection_tokens(values: Iterable[str]) -> set[str]:
+    """Header names listed in ``Connection`` values (lower-case)."""
+    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
+
+
+def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Remove hop-by-hop fields and those named by ``Connection``; keep ``TE: trailers``."""
+    named = connection_tokens(v for k, v in headers if k.lower() == "connection")
+    out = []
+    for name, value in headers:
+        low = name.lower()
+        if low == "te" and value.strip().lower() == "trailers":
+            out.append((name, value))
+        elif low not in HOP_BY_HOP and low not in named:
+            out.append((name, value))
+    return out

@@ -1,0 +1,145 @@
+"""aioquic's QuicConnection with what a long-lived tunnel needs (sans-io).
+
+* Receive windows follow what the application consumed, not what arrived: aioquic
+  doubles a window whenever half of it has been *received*, so a fast sender could fill
+  unbounded memory behind a slow reader.  Here the owner reports bytes it holds
+  (:meth:`hold`) and releases them as they are read (:meth:`release`); windows only
+  grow past bytes released.
+* Keep-alive PINGs (aioquic sends none) and a dead-peer probe: while requests are in
+  flight and the peer is quiet, PING it; a PING unanswered for ``dead_peer_timeout``
+  closes the connection instead of waiting for the idle timeout.
+* :attr:`closed_event` exposes a peer's or our own close as soon as the connection
+  enters closing/draining; aioquic only emits ConnectionTerminated ~3 PTO later.
+
+Touches private aioquic names: keep the pin in setup.cfg and the loopback tests.
+"""
+from __future__ import annotations
+
+from aioquic.quic import events
+from aioquic.quic.connection import END_STATES, QuicConnection
+
+from .protocol import AppErrorCode
+
+#: While requests are in flight, PING a peer that has been quiet this long (seconds).
+BUSY_PROBE_INTERVAL = 1.0
+
+
+class TunnelQuicConnection(QuicConnection):
+    def __init__(self, *, keep_alive: float | None = None, dead_peer_timeout: float = 5.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        cfg = self._configuration
+        idle = cfg.idle_timeout
+        self.keep_alive = min(keep_alive, idle / 2) if keep_alive else idle / 2
+        self.dead_peer_timeout = dead_peer_timeout
+        #: in-flight requests; the owner maintains it (probing only happens while > 0)
+        self.busy = 0
+        self._stream_window = cfg.max_stream_data
+        self._conn_window = cfg.max_data
+        self._held: dict[int, int] = {}
+        self._held_total = 0
+        self._last_rx: float | None = None
+        self._probe_sent_at: float | None = None
+
+    # -- flow control -------------------------------------------------------------
+    def hold(self, stream_id: int, nbytes: int) -> None:
+        """``nbytes`` of received stream data are buffered, unread, by the owner."""
+        if nbytes:
+            self._held[stream_id] = self._held.get(stream_id, 0) + nbytes
+            self._held_total += nbytes
+
+    def release(self, stream_id: int, nbytes: int | None = None) -> bool:
+        """Held bytes were consumed (all of them if ``nbytes`` is None).
+
+        Returns True when a window update became due (the owner should transmit).
+        """
+        held = self._held.get(stream_id, 0)
+        nbytes = held if nbytes is None else min(nbytes, held)
+        if not nbytes:
+            return False
+        if held == nbytes:
+            del self._held[stream_id]
+        else:
+            self._held[stream_id] = held - nbytes
+        self._held_total -= nbytes
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.max_stream_data_local:
+            allowed = stream.receiver.highest_offset - self._held.get(stream_id, 0)
+            if allowed + self._stream_window - stream.max_stream_data_local >= self._stream_window // 2:
+                return True
+        limit = self._local_max_data
+        return limit.used - self._held_total + self._conn_window - limit.value >= self._conn_window // 2
+
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes queued on a stream and not yet acknowledged by the peer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return sender._buffer_stop - sender._buffer_start
+
+    def _write_stream_limits(self, builder, space, stream) -> None:
+        if stream.max_stream_data_local:
+            receiver = stream.receiver
+            target = receiver.highest_offset - self._held.get(stream.stream_id, 0) + self._stream_window
+            if target - stream.max_stream_data_local >= self._stream_window // 2:
+                stream.max_stream_data_local = target
+            # Hide the received offset from aioquic's "double the window" rule.
+            saved, receiver.highest_offset = receiver.highest_offset, 0
+            try:
+                super()._write_stream_limits(builder, space, stream)
+            finally:
+                receiver.highest_offset = saved
+        else:
+            super()._write_stream_limits(builder, space, stream)
+
+    def _write_connection_limits(self, builder, space) -> None:
+        limit = self._local_max_data
+        target = limit.used - self._held_total + self._conn_window
+        if target - limit.value >= self._conn_window // 2:
+            limit.value = target
+        saved, limit.used = limit.used, 0  # likewise for the connection window
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = saved
+
+    # -- liveness -----------------------------------------------------------------
+    @property
+    def closed_event(self) -> events.ConnectionTerminated | None:
+        """Why the connection is closing, as soon as it is (None while it is open)."""
+        if self._state in END_STATES:
+            return self._close_event or events.ConnectionTerminated(
+                error_code=AppErrorCode.OK, frame_type=None, reason_phrase="closed")
+        return None
+
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        self._last_rx = now
+        self._probe_sent_at = None
+        super().receive_datagram(data, addr, now)
+
+    def _next_probe_at(self) -> float | None:
+        if not self._handshake_complete or self._state in END_STATES or self._last_rx is None:
+            return None
+        if self._probe_sent_at is not None:
+            return self._probe_sent_at + self.dead_peer_timeout
+        quiet = BUSY_PROBE_INTERVAL if self.busy else self.keep_alive
+        return self._last_rx + quiet
+
+    def get_timer(self) -> float | None:
+        timer_at = super().get_timer()
+        probe_at = self._next_probe_at()
+        if probe_at is not None and (timer_at is None or probe_at < timer_at):
+            return probe_at
+        return timer_at
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        probe_at = self._next_probe_at()
+        if probe_at is None or now < probe_at:
+            return
+        if self._probe_sent_at is not None:
+            self.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase="peer unresponsive")
+        else:
+            self._probe_sent_at = now
+            self.send_ping(0)

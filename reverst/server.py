@@ -1,0 +1,410 @@
+"""``reverstd``: accepts tunnel registrations over QUIC and proxies public HTTP/1.1 to them.
+
+Public request -> group (by ``X-Forwarded-Host`` else ``Host`` without port) -> one of the
+group's tunnel connections (round-robin) -> an HTTP/3 request on a server-initiated
+stream -> the tunnel client's response streamed back.
+"""
+from __future__ import annotations
+
+import http
+import logging
+import socket
+import ssl
+import time
+from typing import Iterable
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pywsgi
+import gevent.queue
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import auth, protocol
+from ._transport import Connection, Endpoint, H3Stream
+from .config import GroupsConfig
+from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, StreamReset
+from .http3 import H3_REQUEST_CANCELLED, strip_hop_by_hop
+
+logger = logging.getLogger(__name__)
+
+#: quic-go's default; requests beyond it wait for a free stream.
+MAX_REQUESTS_PER_CONNECTION = 100
+CHUNK = 64 * 1024
+
+
+def parse_address(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid address {value!r}: expected host:port")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def server_configuration(certificate_path: str, private_key_path: str, *, idle_timeout: float,
+                         max_datagram_size: int = 1452, window: int = 4 * 1024 * 1024) -> QuicConfiguration:
+    cfg = QuicConfiguration(
+        is_client=False, alpn_protocols=[protocol.ALPN], idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size, max_stream_data=window, max_data=4 * window,
+    )
+    cfg.load_cert_chain(certificate_path, private_key_path)
+    return cfg
+
+
+class _Tunnels:
+    """The live connections of one group, picked round-robin."""
+
+    def __init__(self) -> None:
+        self.connections: list[Connection] = []
+        self._next = 0
+
+    def pick(self) -> Connection | None:
+        conns = self.connections
+        while conns:
+            self._next %= len(conns)
+            conn = conns[self._next]
+            if conn.is_open:
+                self._next += 1
+                return conn
+            del conns[self._next]  # found closed: drop it, try the next one
+        return None
+
+
+class _UpstreamAborted(Exception):
+    """The tunnel stream broke after the public response started: cut the connection."""
+
+
+class _Handler(gevent.pywsgi.WSGIHandler):
+    def handle(self):
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle()
+
+    def get_environ(self):
+        env = super().get_environ()
+        env["reverst.raw_path"] = self.path
+        env["reverst.header_lines"] = self.headers.headers
+        return env
+
+    def handle_error(self, t, v, tb):
+        if isinstance(v, _UpstreamAborted):
+            logger.info("%s %s: tunnel stream aborted mid-response: %s", self.command, self.path, v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
+
+def _header_list(lines: Iterable[str]) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    for line in lines:
+        if line[:1] in " \t" and headers:  # obsolete line folding
+            name, value = headers[-1]
+            headers[-1] = (name, value + " " + line.strip())
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            headers.append((name.strip(), value.strip()))
+    return headers
+
+
+def _status_line(code: int) -> str:
+    try:
+        return f"{code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Unknown"
+
+
+class TunnelServer:
+    """The tunnel server: a QUIC endpoint for tunnels and an HTTP/1.1 front for the public."""
+
+    def __init__(self, groups: GroupsConfig, *, certificate_path: str, private_key_path: str,
+                 server_name: str, tunnel_address: tuple[str, int] = ("127.0.0.1", 7171),
+                 http_address: tuple[str, int] = ("0.0.0.0", 8181),
+                 management_address: tuple[str, int] | None = None,
+                 max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
+                 registration_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
+                 max_datagram_size: int = 1452) -> None:
+        self.groups = groups
+        self.server_name = server_name
+        self.registration_timeout = registration_timeout
+        self._quic_config = server_configuration(
+            certificate_path, private_key_path, idle_timeout=max_idle_timeout,
+            max_datagram_size=max_datagram_size)
+        self._conn_options = {"keep_alive": keep_alive_period, "dead_peer_timeout": dead_peer_timeout}
+        self._tunnel_bind = tunnel_address
+        self._http_bind = http_address
+        self._management_bind = management_address
+        self._tunnels: dict[str, _Tunnels] = {}
+        self._slots: dict[Connection, gevent.lock.BoundedSemaphore] = {}
+        self._endpoint: Endpoint | None = None
+        self._http: gevent.pywsgi.WSGIServer | None = None
+        self._management: gevent.pywsgi.WSGIServer | None = None
+        self._stopped = gevent.event.Event()
+        self.ready = gevent.event.Event()
+
+    def __repr__(self) -> str:
+        return (f"<TunnelServer tunnel={self._tunnel_bind} http={self._http_bind} "
+                f"groups={len(self.groups.groups)} tunnels={sum(len(t.connections) for t in self._tunnels.values())}>")
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._endpoint = Endpoint.bind(*self._tunnel_bind, server_config=self._quic_config,
+                                       on_connection=self._on_connection,
+                                       connection_options=self._conn_options)
+        self._endpoint.start()
+        self._http = gevent.pywsgi.WSGIServer(
+            self._http_bind, self._proxy, handler_class=_Handler,
+            log=logging.getLogger("reverst.access"), error_log=logging.getLogger("reverst.server.http"))
+        self._http.start()
+        if self._management_bind is not None:
+            self._management = gevent.pywsgi.WSGIServer(self._management_bind, self._management_app, log=None)
+            self._management.start()
+        if not self.groups.groups:
+            logger.warning("no tunnel groups configured in %s", self.groups.source)
+        for group in self.groups.groups.values():
+            if group.is_open:
+                logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
+        logger.info("listening for tunnels on udp %s, public http on tcp %s",
+                    _fmt(self.tunnel_address), _fmt(self.http_address))
+        self.ready.set()
+
+    def serve_forever(self) -> None:
+        if not self.ready.is_set():
+            self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._http is not None:
+            self._http.stop(timeout=timeout)
+        if self._management is not None:
+            self._management.stop(timeout=0)
+        if self._endpoint is not None:
+            for conn in list(self._endpoint.connections):
+                conn.close(protocol.AppErrorCode.OK, "server closing down")
+            gevent.sleep(0)
+            self._endpoint.close()
+
+    def __enter__(self) -> "TunnelServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def tunnel_address(self) -> tuple:
+        return self._endpoint.address
+
+    @property
+    def http_address(self) -> tuple:
+        return self._http.address
+
+    @property
+    def management_address(self) -> tuple | None:
+        return self._management.address if self._management is not None else None
+
+    def connections(self, group: str) -> list[Connection]:
+        tunnels = self._tunnels.get(group)
+        return [c for c in tunnels.connections if c.is_open] if tunnels else []
+
+    # -- registration -------------------------------------------------------------------
+    def _on_connection(self, conn: Connection) -> None:
+        gevent.spawn(self._register, conn)
+
+    def _register(self, conn: Connection) -> None:
+        peer = _fmt(conn.peer)
+        group_name = None
+        try:
+            with gevent.Timeout(self.registration_timeout, ProtocolViolation("registration timed out")):
+                conn.handshake_done.wait()
+                conn._raise_if_closed()
+                stream = conn.accept_stream()
+                decoder = protocol.MessageDecoder()
+                while (obj := decoder.feed(stream.read(4096))) is None:
+                    if stream.at_eof:
+                        raise ProtocolViolation("registration stream ended before a complete message")
+                request = protocol.decode_request_untrusted(obj)
+                group_name = request.tunnel_group
+                group = self.groups.group(group_name)
+                if group is None:
+                    raise NotFound(f"tunnel group {group_name!r} not found")
+                strategy = auth.authenticate(group, request.metadata)
+                stream.write(protocol.encode_response(), end=True)
+                stream.finish(stop_reading=False)  # the client FINs when it likes
+        except ConnectionClosed as exc:
+            logger.debug("%s: closed during registration: %s", peer, exc)
+            return
+        except (ReverstError, gevent.queue.Empty) as exc:
+            code, reason = protocol.close_for_error(exc)
+            log = logger.debug if isinstance(exc, NotFound) else logger.info
+            log("registration from %s rejected (group %r): %s", peer, group_name, exc)
+            conn.close(code, reason)
+            return
+        except Exception:
+            logger.exception("registration from %s failed", peer)
+            conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error")
+            return
+        conn.attach_h3(http_client=True)
+        self._slots[conn] = gevent.lock.BoundedSemaphore(MAX_REQUESTS_PER_CONNECTION)
+        tunnels = self._tunnels.setdefault(group_name, _Tunnels())
+        tunnels.connections.append(conn)
+        conn.on_close(self._on_tunnel_closed)
+        conn.group = group_name
+        logger.info("tunnel %s registered in group %r (%s)", peer, group_name, strategy)
+
+    def _on_tunnel_closed(self, conn: Connection) -> None:
+        self._slots.pop(conn, None)
+        tunnels = self._tunnels.get(getattr(conn, "group", None))
+        if tunnels is not None and conn in tunnels.connections:
+            tunnels.connections.remove(conn)
+        logger.info("tunnel %s left group %r: %s", _fmt(conn.peer), getattr(conn, "group", None),
+                    conn.close_reason)
+
+    # -- public HTTP ----------------------------------------------------------------------
+    def _proxy(self, environ: dict, start_response):
+        headers = _header_list(environ["reverst.header_lines"])
+        host = next((v for k, v in headers if k.lower() == "host"), "")
+        route = next((v for k, v in headers if k.lower() == "x-forwarded-host"), None)
+        if route is None:
+            route = host.rsplit(":", 1)[0] if host.rsplit(":", 1)[-1].isdigit() else host
+            route = route.strip("[]")
+        group = self.groups.group_for_host(route)
+        if group is None:
+            start_response("502 Bad Gateway", [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("X-Content-Type-Options", "nosniff"), ("Content-Length", "12")])
+            return [b"bad gateway\n"]
+        tunnels = self._tunnels.get(group.name)
+        conn = tunnels.pick() if tunnels else None
+        if conn is None:
+            logger.info("no tunnel connection for group %r (host %r)", group.name, route)
+            return self._empty_502(start_response)
+        return self._forward(conn, environ, headers, host, start_response)
+
+    @staticmethod
+    def _empty_502(start_response):
+        start_response("502 Bad Gateway", [("Content-Length", "0")])
+        return [b""]
+
+    def _forward(self, conn: Connection, environ: dict, headers, host: str, start_response):
+        method = environ["REQUEST_METHOD"]
+        chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        length = int(environ.get("CONTENT_LENGTH") or 0) if not chunked else None
+        has_body = chunked or (length or 0) > 0
+        xff = [v for k, v in headers if k.lower() == "x-forwarded-for"]
+        fields = [(b":method", method.encode()), (b":scheme", b"https"),
+                  (b":authority", host.encode("latin-1")),
+                  (b":path", environ["reverst.raw_path"].encode("latin-1"))]
+        for name, value in strip_hop_by_hop(headers):
+            low = name.lower()
+            if low in ("host", "expect", "x-forwarded-for"):
+                continue  # expect: this front already answered 100-continue
+            fields.append((low.encode("latin-1"), value.encode("latin-1")))
+        fields.append((b"x-forwarded-for", ", ".join(xff + [environ.get("REMOTE_ADDR", "")]).encode("latin-1")))
+
+        slots = self._slots.get(conn)
+        if slots is None:
+            return self._empty_502(start_response)
+        slots.acquire()
+        stream: H3Stream | None = None
+        pump = None
+        try:
+            stream = conn.open_request(fields, end_stream=not has_body)
+            if has_body:
+                pump = gevent.spawn(self._pump_body, environ["wsgi.input"], stream)
+            response = stream.wait_headers()
+        except (ConnectionClosed, StreamReset) as exc:
+            logger.info("%s %s via %s failed before the response: %s", method, environ["reverst.raw_path"],
+                        _fmt(conn.peer), exc)
+            self._finish(stream, pump, slots)
+            return self._empty_502(start_response)
+        except BaseException:
+            self._finish(stream, pump, slots)
+            raise
+        status = 502
+        out_headers = []
+        for name, value in response:
+            if name == b":status":
+                status = int(value)
+            elif not name.startswith(b":"):
+                out_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        out_headers = strip_hop_by_hop(out_headers)
+        no_body = status in (204, 304) or 100 <= status < 200
+        if no_body:
+            out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-length"]
+        start_response(_status_line(status), [(_canonical(k), v) for k, v in out_headers])
+        if method == "HEAD" or no_body:
+            self._finish(stream, pump, slots)
+            return [b""]
+        return self._relay(stream, pump, slots)
+
+    def _relay(self, stream: H3Stream, pump, slots):
+        try:
+            while True:
+                try:
+                    data = stream.read(CHUNK)
+                except (ConnectionClosed, StreamReset) as exc:
+                    raise _UpstreamAborted(str(exc)) from exc
+                if not data:
+                    return
+                yield data
+        finally:
+            self._finish(stream, pump, slots)
+
+    @staticmethod
+    def _finish(stream, pump, slots) -> None:
+        if pump is not None:
+            pump.kill(block=False)
+        if stream is not None:
+            stream.finish()
+        slots.release()
+
+    @staticmethod
+    def _pump_body(body, stream: H3Stream) -> None:
+        try:
+            while True:
+                data = body.read(CHUNK)
+                if not data:
+                    break
+                stream.write(data)
+            stream.write(b"", end=True)
+        except (ConnectionClosed, StreamReset):
+            pass  # the tunnel side stopped reading: the response says why
+        except (OSError, ValueError) as exc:  # the public client broke off the upload
+            logger.info("request body aborted: %s", exc)
+            stream.reset(H3_REQUEST_CANCELLED)
+
+    # -- management ------------------------------------------------------------------------
+    def _management_app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/metrics":
+            lines = [f'reverst_tunnel_group_active_conn{{tunnel_group="{name}"}} {len(self.connections(name))}'
+                     for name in self.groups.groups]
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4")])
+            return [("\n".join(lines) + "\n").encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+
+_CANONICAL_EXCEPTIONS = {"etag": "ETag", "www-authenticate": "WWW-Authenticate"}
+
+
+def _canonical(name: str) -> str:
+    """HTTP/3 names are lower-case; HTTP/1.1 clients expect Canonical-Case."""
+    return _CANONICAL_EXCEPTIONS.get(name) or "-".join(p.capitalize() for p in name.split("-"))
+
+
+def _fmt(addr) -> str:
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
