@@ -31,7 +31,7 @@ from aioquic.quic.packet import (
 )
 
 from .errors import ConnectionClosed, StreamReset
-from .http3 import H3_NO_ERROR, H3_REQUEST_CANCELLED, ReversedH3Connection
+from .http3 import H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, ReversedH3Connection
 from .protocol import AppErrorCode
 from .quic import TunnelQuicConnection
 
@@ -345,12 +345,31 @@ class Connection:
                     stream._on_headers(ev.headers, ev.stream_ended)
             elif isinstance(ev, h3e.DataReceived) and stream is not None:
                 stream._on_data(ev.data, ev.stream_ended)
+        if h3.malformed:
+            self._abort_malformed(h3)
         if isinstance(event, (qe.StreamReset, qe.StopSendingReceived)):
             stream = self._h3streams.get(sid)
             if stream is not None:
                 stream._on_quic_event(event)
             if isinstance(event, qe.StreamReset):
                 h3.forget_stream(sid)
+
+    def _abort_malformed(self, h3: ReversedH3Connection) -> None:
+        """Fail just the streams whose message was malformed (not the connection)."""
+        for bad_id, reason in list(h3.malformed.items()):
+            if reason is None:
+                continue  # handled; further frames are dropped until the stream is forgotten
+            h3.malformed[bad_id] = None
+            logger.info("%r: malformed HTTP/3 message on stream %d: %s", self, bad_id, reason)
+            stream = self._h3streams.get(bad_id)
+            if stream is not None:
+                stream._eof = False
+                stream.reset(H3_MESSAGE_ERROR)
+            else:
+                self.quic.reset_stream(bad_id, H3_MESSAGE_ERROR)
+                self.quic.stop_stream(bad_id, H3_MESSAGE_ERROR)
+        if len(h3.malformed) > 1000:
+            self.quic.close(error_code=H3_MESSAGE_ERROR, reason_phrase="too many malformed messages")
 
     def attach_h3(self, *, http_client: bool) -> ReversedH3Connection:
         """Start HTTP/3 on this connection (after registration) and replay early events."""

@@ -175,3 +175,15 @@ def wsgi_command(log, tunnel_address, server_name, tunnel_group, cacert_path, in
     except ReverstError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+@click.group()
+def _entry():
+    """``python -m reverst.cli reverstd ...`` / ``python -m reverst.cli client ...``."""
+
+
+_entry.add_command(reverstd)
+_entry.add_command(main, "client")
+
+if __name__ == "__main__":
+    _entry()

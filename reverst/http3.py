@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable
 
-from aioquic.h3.connection import H3Connection, H3Stream
+from aioquic.h3.connection import H3Connection, H3Stream, MessageError
 from aioquic.quic.connection import QuicConnection, stream_is_client_initiated, stream_is_unidirectional
 
 #: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, Go's list).
@@ -38,6 +38,10 @@ class ReversedH3Connection(H3Connection):
 
     def __init__(self, quic: QuicConnection, *, http_client: bool) -> None:
         self._http_client = http_client
+        self._head_requests: set[int] = set()
+        #: stream id -> why its message was malformed; the owner resets just that stream
+        #: (aioquic would close the whole connection, and with it every other request).
+        self.malformed: dict[int, str] = {}
         super().__init__(quic)
 
     # H3Connection assigns self._is_client from the QUIC role in __init__; every use of
@@ -71,6 +75,35 @@ class ReversedH3Connection(H3Connection):
     def forget_stream(self, stream_id: int) -> None:
         """Drop a request stream's state after a reset (aioquic only does it for 0 mod 4)."""
         self._stream.pop(stream_id, None)
+        self._head_requests.discard(stream_id)
+        self.malformed.pop(stream_id, None)
+
+    def send_headers(self, stream_id: int, headers, end_stream: bool = False) -> None:
+        if self._http_client and (b":method", b"HEAD") in headers:
+            self._head_requests.add(stream_id)  # its response has a length but no content
+        super().send_headers(stream_id, headers, end_stream)
+
+    def _check_content_length(self, stream: H3Stream) -> None:
+        if stream.stream_id not in self._head_requests:
+            super()._check_content_length(stream)
+
+    def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended):
+        if stream.stream_id in self.malformed:
+            return []
+        try:
+            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
+        except MessageError as exc:
+            self.malformed[stream.stream_id] = exc.reason_phrase
+            return []
+
+    def _handle_request_or_push_end(self, stream):
+        if stream.stream_id in self.malformed:
+            return []
+        try:
+            return super()._handle_request_or_push_end(stream)
+        except MessageError as exc:
+            self.malformed[stream.stream_id] = exc.reason_phrase
+            return []
 
     def is_request_stream(self, stream_id: int) -> bool:
         """Bidirectional streams opened by the HTTP client side carry requests."""

@@ -1,0 +1,203 @@
+"""End to end: public HTTP/1.1 -> reverstd -> QUIC/HTTP/3 -> Python client -> Flask."""
+import concurrent.futures
+import json
+import socket
+import time
+
+import pytest
+import requests
+
+from .conftest import TunnelClient
+
+H = {"Host": "app.test"}
+
+
+def raw_request(server, request: bytes) -> bytes:
+    """Send raw bytes to the public port; everything read until the server closes."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def get(server, path, **kw):
+    kw.setdefault("timeout", 10)
+    headers = {**H, **kw.pop("headers", {})}
+    return requests.get(server.url(path), headers=headers, **kw)
+
+
+def test_hello_world_passes_through(tunnel):
+    r = get(tunnel, "/hello")
+    assert r.status_code == 200
+    assert r.text == "Hello, World!"
+    assert r.headers["Content-Length"] == "13"
+
+
+def test_handler_status_and_body_pass_through(tunnel):
+    r = get(tunnel, "/status/400")
+    assert (r.status_code, r.text) == (400, "status 400")
+    assert r.reason == "Bad Request"
+
+
+def test_routing_by_host_without_port_and_by_x_forwarded_host(tunnel):
+    assert get(tunnel, "/hello", headers={"Host": "app.test:8181"}).text == "Hello, World!"
+    r = get(tunnel, "/echo", headers={"Host": "unknown.invalid", "X-Forwarded-Host": "app.test"})
+    assert r.status_code == 200
+    assert r.json()["host"] == "unknown.invalid"  # routing used XFH; Host is not rewritten
+
+
+def test_unknown_host_is_502_bad_gateway(server):
+    r = requests.get(server.url("/"), headers={"Host": "nosuch.example"}, timeout=5)
+    assert r.status_code == 502
+    assert r.text == "bad gateway\n"
+    assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+def test_group_without_connection_is_empty_502(server):
+    r = requests.get(server.url("/"), headers={"Host": "empty.test"}, timeout=5)
+    assert r.status_code == 502
+    assert r.content == b""
+
+
+def test_two_clients_alternate_round_robin(server, start_client):
+    start_client(name="a")
+    start_client(name="b")
+    names = [get(server, "/name").text for _ in range(10)]
+    assert names[0] != names[1]
+    assert names == [names[0], names[1]] * 5
+
+
+def test_headers_forwarded_like_go(tunnel):
+    r = get(tunnel, "/echo?x=1", headers={
+        "Connection": "keep-alive, X-Custom", "X-Custom": "1", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "Proxy-Connection": "keep-alive", "X-Forwarded-For": "10.1.2.3"})
+    body = r.json()
+    names = {k.lower(): v for k, v in body["headers"]}
+    for gone in ("x-custom", "keep-alive", "proxy-connection"):
+        assert gone not in names
+    assert names["te"] == "trailers"
+    assert names["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+    assert body["remote_addr"] == "127.0.0.1"
+    assert body["scheme"] == "https"
+
+
+def test_repeated_request_headers_and_cookies(tunnel):
+    data = raw_request(tunnel, b"GET /echo HTTP/1.1\r\nHost: app.test\r\nCookie: a=1\r\nCookie: b=2\r\n"
+                               b"X-Multi: one\r\nX-Multi: two\r\nConnection: close\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        size, _, rest = body.partition(b"\r\n")
+        body = rest[:int(size, 16)]
+    headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
+    assert headers["cookie"] == "a=1; b=2"
+    assert headers["x-multi"] == "one, two"
+
+
+def test_repeated_response_headers_stay_separate(tunnel):
+    r = get(tunnel, "/cookies")
+    raw = r.raw._original_response.msg
+    assert raw.get_all("Set-Cookie") == ["a=1; Path=/", "b=2; HttpOnly"]
+    assert raw.get_all("X-Multi") == ["m1", "m2"]
+
+
+@pytest.mark.parametrize("query", ["q=a+b&e=%2F", "x=1&y=%20z", "p=a%2Bb%26c%3D"])
+def test_query_strings_are_untouched(tunnel, query):
+    body = get(tunnel, f"/echo?{query}").json()
+    assert body["query"] == query
+    assert body["raw_uri"] == f"/echo?{query}"
+
+
+def test_encoded_slash_in_path_is_untouched(tunnel):
+    data = raw_request(tunnel, b"GET /p%2Fq/%7Euser HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 404")  # reached Flask, which has no such route
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_methods(tunnel, method):
+    r = requests.request(method, tunnel.url("/echo"), headers=H, data=b"abc" if method in ("POST", "PUT", "PATCH") else None,
+                         timeout=10)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["method"] == method
+    assert body["body_len"] == (3 if method in ("POST", "PUT", "PATCH") else 0)
+
+
+def test_head_has_no_body(tunnel):
+    r = requests.head(tunnel.url("/hello"), headers=H, timeout=10)
+    assert r.status_code == 200
+    assert r.headers["Content-Length"] == "13"
+    assert r.content == b""
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_no_body_statuses(tunnel, code):
+    r = get(tunnel, f"/status/{code}")
+    assert r.status_code == code
+    assert r.content == b""
+    assert "Content-Length" not in r.headers or r.headers["Content-Length"] == "0"
+
+
+def test_sse_first_event_arrives_before_handler_finishes(tunnel):
+    start = time.monotonic()
+    with get(tunnel, "/sse?delay=2", stream=True) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        chunks = r.iter_content(None)
+        first = next(chunks)
+        first_at = time.monotonic() - start
+        rest = b"".join(chunks)
+    assert first == b"data: first\n\n"
+    assert first_at < 1.5, f"first event took {first_at:.2f}s: buffered"
+    assert b"data: second" in rest
+
+
+def test_connection_specific_response_headers_are_dropped_and_tunnel_survives(tunnel):
+    r = get(tunnel, "/hop")
+    assert r.status_code == 200 and r.text == "hop"
+    assert r.headers["X-Kept"] == "yes"
+    assert "X-Resp-Hop" not in r.headers and "Keep-Alive" not in r.headers
+    assert get(tunnel, "/hello").status_code == 200
+
+
+def test_app_exception_is_500_and_tunnel_survives(tunnel):
+    r = get(tunnel, "/boom")
+    assert r.status_code == 500
+    assert get(tunnel, "/hello").text == "Hello, World!"
+
+
+def test_concurrent_requests_with_slow_handlers_and_client_timeouts(tunnel):
+    """Go's integration suite: random 0-900 ms handlers, 500 ms client timeouts."""
+    def one(i):
+        try:
+            r = requests.get(tunnel.url(f"/sleep?id={i}"), headers=H, timeout=0.5)
+        except requests.exceptions.Timeout:
+            return "timeout"
+        except requests.exceptions.ConnectionError as exc:
+            if "timed out" in str(exc):
+                return "timeout"
+            return f"error: {exc}"
+        return "ok" if (r.status_code, r.text) == (200, f"slept {i}") else f"bad: {r.status_code} {r.text!r}"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1000) as pool:
+        results = list(pool.map(one, range(1000)))
+    bad = [r for r in results if r not in ("ok", "timeout")]
+    assert not bad, bad[:5]
+    assert results.count("ok") > 0
+    assert get(tunnel, "/hello", timeout=10).status_code == 200
+
+
+def test_tunnel_client_killed_mid_response_fails_fast_and_server_survives(server, start_client):
+    client = start_client()
+    start = time.monotonic()
+    with pytest.raises(requests.exceptions.RequestException):
+        with get(server, "/slow-body", stream=True, timeout=30) as r:
+            it = r.iter_content(65536)
+            next(it)
+            client.stop(sig=9)
+            for _ in it:
+                pass
+    assert time.monotonic() - start < 10
+    assert requests.get(server.url("/"), headers={"Host": "nosuch"}, timeout=5).status_code == 502
+    start_client()
+    assert get(server, "/hello").text == "Hello, World!"
