@@ -40,6 +40,11 @@ groups:
     hosts: ["bearer.test"]
     authentication:
       bearer: {token: some-token}
+  local.example:
+    hosts: ["local.example"]
+    authentication:
+      basic: {username: user, password: pass}
+      bearer: {token: some-token}
   empty.test:
     hosts: ["empty.test"]
     authentication:

@@ -1,0 +1,159 @@
+"""Registration over real QUIC against a reverstd process: Go's bytes, codes and reasons."""
+import pathlib
+import time
+
+import gevent
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+
+from reverst import protocol
+from reverst._transport import Endpoint
+from reverst.client import BasicAuth, BearerAuth, Client, NotFound, ServerError, Unauthorized
+from reverst.errors import ConnectionClosed
+
+from .apps import app as flask_app
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def address(server):
+    host, port = server.tunnel_address.rsplit(":", 1)
+    return host, int(port)
+
+
+class RawTunnel:
+    """A QUIC connection to reverstd driven by hand, to send exact registration bytes."""
+
+    def __init__(self, server, certs):
+        self.endpoint = Endpoint.bind("127.0.0.1", 0)
+        self.endpoint.start()
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=[protocol.ALPN], server_name="localhost")
+        cfg.load_verify_locations(certs["ca"])
+        self.conn = self.endpoint.connect(address(server), cfg)
+        with gevent.Timeout(5):
+            self.conn.handshake_done.wait()
+
+    def register(self, payload: bytes, timeout=5.0):
+        """Send ``payload`` on stream 0 (no FIN); return (response bytes, ConnectionClosed or None)."""
+        stream = self.conn.open_stream()
+        stream.write(payload)
+        data = b""
+        with gevent.Timeout(timeout):
+            try:
+                while chunk := stream.read():
+                    data += chunk
+                if not data:  # FIN without a response: the close follows
+                    self.conn.closed.wait()
+            except ConnectionClosed:
+                pass
+        return data, self.conn.close_reason
+
+    def close(self):
+        self.endpoint.close()
+
+
+@pytest.fixture
+def raw(server, certs):
+    tunnels = []
+
+    def connect():
+        t = RawTunnel(server, certs)
+        tunnels.append(t)
+        return t
+    yield connect
+    for t in tunnels:
+        t.close()
+
+
+@pytest.mark.parametrize("vector", ["request_basic_user_pass.bin", "request_bearer_some-token.bin"])
+def test_go_client_bytes_register_and_get_go_response_bytes(raw, vector):
+    data, closed = raw().register((DATA / vector).read_bytes())
+    assert data == (DATA / "response_ok.bin").read_bytes()
+    assert closed is None
+
+
+@pytest.mark.parametrize("payload,code,reason", [
+    (b"\xc1", 0x2, "bad request"),
+    (b"\x01", 0x2, "bad request"),
+    ((DATA / "request_noauth.bin").read_bytes(), 0x2, "unauthorized"),
+    (protocol.encode_request(protocol.RegisterRequest(
+        "local.example", {"Authorization": "Basic dXNlcjp3cm9uZw=="})), 0x2, "unauthorized"),
+    (protocol.encode_request(protocol.RegisterRequest(
+        "local.example", {"Authorization": "JWT t"})), 0x2, "unauthorized"),
+    (protocol.encode_request(protocol.RegisterRequest(
+        "nosuch.example", {"Authorization": "Basic dXNlcjpwYXNz"})), 0x1, "not found"),
+])
+def test_failed_registration_closes_connection_with_code_and_reason(raw, payload, code, reason):
+    data, closed = raw().register(payload)
+    assert data == b""
+    assert isinstance(closed, ConnectionClosed)
+    assert (closed.error_code, closed.reason, closed.application) == (code, reason, True)
+
+
+def test_silent_client_does_not_delay_other_registrations(raw, server, certs):
+    silent = raw()
+    stream = silent.conn.open_stream()
+    stream.write(b"\x83")  # the start of a map, then nothing
+    start = time.monotonic()
+    data, closed = raw().register((DATA / "request_basic_user_pass.bin").read_bytes())
+    assert closed is None and data == (DATA / "response_ok.bin").read_bytes()
+    assert time.monotonic() - start < 1.0
+    assert silent.conn.is_open  # still waiting within its registration timeout
+
+
+def test_oversized_registration_is_rejected(raw):
+    data, closed = raw().register(b"\xdb\x00\x10\x00\x00" + b"x" * 70000, timeout=10)
+    assert (closed.error_code, closed.reason) == (0x2, "bad request")
+
+
+def _client(server, certs, **kwargs):
+    kwargs.setdefault("ca_file", certs["ca"])
+    kwargs.setdefault("server_name", "localhost")
+    kwargs.setdefault("max_retries", 0)
+    return Client(flask_app, server.tunnel_address, **kwargs)
+
+
+def test_client_wrong_password_fails_at_once_with_unauthorized(server, certs):
+    client = _client(server, certs, tunnel_group="app.test", auth=BasicAuth("user", "wrong"),
+                     max_retries=None)
+    start = time.monotonic()
+    with gevent.Timeout(5), pytest.raises(Unauthorized, match="unauthorized"):
+        client.dial_and_serve()
+    assert time.monotonic() - start < 2
+
+
+def test_client_unknown_group_is_not_found_after_retries(server, certs):
+    client = _client(server, certs, tunnel_group="nosuch", auth=BasicAuth("user", "pass"),
+                     max_retries=2, backoff=(0.05, 0.1))
+    with gevent.Timeout(10), pytest.raises(NotFound, match="not found"):
+        client.dial_and_serve()
+
+
+def test_client_untrusted_certificate_reports_the_tls_reason(server):
+    client = Client(flask_app, server.tunnel_address, tunnel_group="app.test", server_name="localhost",
+                    max_retries=0)
+    with gevent.Timeout(10), pytest.raises(ServerError) as info:
+        client.dial_and_serve()
+    assert "certificate" in str(info.value).lower()
+
+
+def test_client_wrong_server_name_is_rejected(server, certs):
+    client = _client(server, certs, tunnel_group="app.test", server_name="other.example",
+                     auth=BasicAuth("user", "pass"))
+    with gevent.Timeout(10), pytest.raises(ServerError, match="other.example"):
+        client.dial_and_serve()
+
+
+def test_client_registers_with_bearer_and_stops_cleanly(server, certs):
+    ready = gevent.event.Event()
+    client = _client(server, certs, tunnel_group="local.example", auth=BearerAuth("some-token"),
+                     on_ready=lambda c: ready.set())
+    runner = gevent.spawn(client.dial_and_serve)
+    with gevent.Timeout(5):
+        ready.wait()
+    assert client.connection.is_open
+    client.stop()
+    with gevent.Timeout(5):
+        runner.get()
+    assert not client.connection.is_open
+    server.wait_for(r"left group 'local.example'")

@@ -1,0 +1,74 @@
+"""Large bodies stream both ways with bounded memory; checksums at both ends."""
+import hashlib
+import time
+
+import requests
+
+from .apps import pattern
+
+SIZE = 200 * 1024 * 1024
+H = {"Host": "app.test"}
+MAX_RSS_GROWTH_KB = 64 * 1024
+
+
+def sha256_of_pattern(size):
+    h = hashlib.sha256()
+    for chunk in pattern(size):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _baseline(*procs):
+    return {p.pid: p.rss_kb("VmRSS") for p in procs}
+
+
+def _growth(base, *procs):
+    return {p.args[4] if len(p.args) > 4 else p.pid: p.rss_kb("VmHWM") - base[p.pid] for p in procs}
+
+
+def test_200mb_download_and_upload_with_bounded_memory(server, start_client):
+    client = start_client()
+    assert requests.get(server.url("/hello"), headers=H, timeout=10).status_code == 200  # warm up
+    base = _baseline(server, client)
+    expected = sha256_of_pattern(SIZE)
+
+    start = time.monotonic()
+    digest, got = hashlib.sha256(), 0
+    with requests.get(server.url(f"/download/{SIZE}"), headers=H, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["Content-Length"] == str(SIZE)
+        for chunk in r.iter_content(256 * 1024):
+            digest.update(chunk)
+            got += len(chunk)
+    down_s = time.monotonic() - start
+    assert got == SIZE and digest.hexdigest() == expected
+
+    start = time.monotonic()
+    r = requests.post(server.url("/upload"), headers=H, data=pattern(SIZE), timeout=120)  # chunked
+    up_s = time.monotonic() - start
+    assert r.status_code == 200
+    assert r.json() == {"size": SIZE, "sha256": expected}
+
+    growth = {"server": server.rss_kb("VmHWM") - base[server.pid],
+              "client": client.rss_kb("VmHWM") - base[client.pid]}
+    print(f"\n200 MB download {SIZE / down_s / 1e6:.1f} MB/s, upload {SIZE / up_s / 1e6:.1f} MB/s, "
+          f"peak RSS growth {growth} KiB")
+    assert growth["server"] < MAX_RSS_GROWTH_KB, growth
+    assert growth["client"] < MAX_RSS_GROWTH_KB, growth
+
+
+def test_response_without_content_length_is_chunked_and_complete(tunnel):
+    size = 5 * 1024 * 1024 + 7
+    with requests.get(tunnel.url(f"/stream/{size}"), headers=H, stream=True, timeout=30) as r:
+        assert r.headers.get("Transfer-Encoding") == "chunked"
+        body = b"".join(r.iter_content(65536))
+    assert len(body) == size
+    assert hashlib.sha256(body).hexdigest() == sha256_of_pattern(size)
+
+
+def test_public_client_abandoning_a_download_does_not_hurt_the_tunnel(tunnel):
+    with requests.get(tunnel.url(f"/download/{SIZE}"), headers=H, stream=True, timeout=30) as r:
+        next(r.iter_content(65536))
+    # the response was cut by us; the tunnel keeps serving
+    for _ in range(3):
+        assert requests.get(tunnel.url("/hello"), headers=H, timeout=10).text == "Hello, World!"
