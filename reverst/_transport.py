@@ -575,11 +575,13 @@ class Stream:
     def finish(self, stop_reading: bool = True) -> None:
         """Done with the stream: reset an unfinished send side and, unless told
         otherwise, ask the peer to stop an unfinished receive side."""
-        if stop_reading:
-            self._shut(H3_REQUEST_CANCELLED, H3_NO_ERROR)
-        else:
+        if not stop_reading:
             self._eof = True
-            self._shut(H3_REQUEST_CANCELLED, H3_NO_ERROR)
+        # An HTTP server may stop reading a request body it does not need (H3_NO_ERROR);
+        # a client abandoning a response cancels the request.
+        h3 = self.conn.h3
+        self._shut(H3_REQUEST_CANCELLED,
+                   H3_REQUEST_CANCELLED if h3 is not None and h3._http_client else H3_NO_ERROR)
 
     def _shut(self, reset_code: int, stop_code: int) -> None:
         conn = self.conn

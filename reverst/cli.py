@@ -21,6 +21,8 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARN
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=LOG_LEVELS[level.lower()], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level.lower() != "debug":
+        logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic logs every stream reset at info
 
 
 def _duration(ctx, param, value):

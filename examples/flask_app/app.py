@@ -1,0 +1,37 @@
+"""A small Flask app to expose through a reverst tunnel."""
+import hashlib
+import time
+
+from flask import Flask, Response, jsonify, request
+
+app = Flask(__name__)
+
+
+@app.get("/")
+def index():
+    return "Hello from Flask, through a reverst tunnel!\n"
+
+
+@app.get("/api/time")
+def api_time():
+    return jsonify(time=time.time(), host=request.host, client=request.remote_addr)
+
+
+@app.get("/stream")
+def stream():
+    """Server-sent events: each arrives as it is produced (the Go server buffers them)."""
+    def events():
+        for i in range(5):
+            yield f"data: tick {i}\n\n"
+            time.sleep(0.5)
+    return Response(events(), mimetype="text/event-stream")
+
+
+@app.post("/upload")
+def upload():
+    """Streams the body through SHA-256 without holding it in memory."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := request.stream.read(65536):
+        digest.update(chunk)
+        size += len(chunk)
+    return jsonify(size=size, sha256=digest.hexdigest())
