@@ -525,8 +525,16 @@ class Stream:
         if n < 0:
             data = b"".join(chunks)
             chunks.clear()
-        else:
+        else:  # gather what is buffered, up to n bytes, without waiting for more
             data = chunks.popleft()
+            if len(data) < n and chunks:
+                parts = [data]
+                size = len(data)
+                while chunks and size < n:
+                    part = chunks.popleft()
+                    parts.append(part)
+                    size += len(part)
+                data = b"".join(parts)
             if len(data) > n:
                 chunks.appendleft(data[n:])
                 data = data[:n]

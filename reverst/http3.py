@@ -122,8 +122,9 @@ def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     out = []
     for name, value in headers:
         low = name.lower()
-        if low == "te" and value.strip().lower() == "trailers":
-            out.append((name, value))
+        if low == "te":
+            if "trailers" in connection_tokens([value]):
+                out.append((name, "trailers"))  # as Go: only the trailers token survives
         elif low not in HOP_BY_HOP and low not in named:
             out.append((name, value))
     return out

@@ -29,8 +29,7 @@ class TunnelQuicConnection(QuicConnection):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         cfg = self._configuration
-        idle = cfg.idle_timeout
-        self.keep_alive = min(keep_alive, idle / 2) if keep_alive else idle / 2
+        self.keep_alive_period = keep_alive
         self.dead_peer_timeout = dead_peer_timeout
         #: in-flight requests; the owner maintains it (probing only happens while > 0)
         self.busy = 0
@@ -117,6 +116,13 @@ class TunnelQuicConnection(QuicConnection):
         self._last_rx = now
         self._probe_sent_at = None
         super().receive_datagram(data, addr, now)
+
+    @property
+    def keep_alive(self) -> float:
+        """PING a quiet peer this often: the configured period, capped at half the idle
+        timeout in force (the smaller of ours and the peer's, RFC 9000 §10.1)."""
+        half_idle = self._idle_timeout() / 2
+        return min(self.keep_alive_period, half_idle) if self.keep_alive_period else half_idle
 
     def _next_probe_at(self) -> float | None:
         if not self._handshake_complete or self._state in END_STATES or self._last_rx is None:

@@ -153,12 +153,15 @@ class Tunnel:
         self.server_h3, self.client_h3 = self.srv.h3, self.cli.h3
 
     def open(self) -> bool:
+        """Neither connection closed, and (reverst's H3) no message was malformed."""
         return (self.server._close_event is None and self.client._close_event is None
-                and not self.srv.terminated() and not self.cli.terminated())
+                and not self.srv.terminated() and not self.cli.terminated()
+                and not getattr(self.server_h3, "malformed", None)
+                and not getattr(self.client_h3, "malformed", None))
 
 
 @pytest.fixture
-def tunnel(tls) -> Tunnel:
+def pair(tls) -> Tunnel:
     t = Tunnel(connect(tls))
     t.link.advance()
     assert bytes(t.srv.stream0) == REGISTRATION
@@ -190,88 +193,88 @@ def message(h3_events) -> tuple[list, bytes, bool]:
 # -- requests from the QUIC server -------------------------------------------------
 
 
-def test_requests_go_from_quic_server_to_quic_client(tunnel):
+def test_requests_go_from_quic_server_to_quic_client(pair):
     ids = []
     for n in range(3):
-        sid = tunnel.server.get_next_available_stream_id()
+        sid = pair.server.get_next_available_stream_id()
         ids.append(sid)
         req = request_headers(path=b"/r%d" % n, extra=[(b"user-agent", b"test")])
-        tunnel.server_h3.send_headers(sid, req, end_stream=True)
-        tunnel.link.advance()
+        pair.server_h3.send_headers(sid, req, end_stream=True)
+        pair.link.advance()
 
-        headers, body, ended = message(tunnel.cli.take(sid))
+        headers, body, ended = message(pair.cli.take(sid))
         assert headers == req and body == b"" and ended
-        tunnel.client_h3.send_headers(sid, [(b":status", b"200"), (b"content-length", b"7")])
-        tunnel.client_h3.send_data(sid, b"hello %d" % n, end_stream=False)
-        tunnel.client_h3.send_data(sid, b"", end_stream=True)
-        tunnel.link.advance()
+        pair.client_h3.send_headers(sid, [(b":status", b"200"), (b"content-length", b"7")])
+        pair.client_h3.send_data(sid, b"hello %d" % n, end_stream=False)
+        pair.client_h3.send_data(sid, b"", end_stream=True)
+        pair.link.advance()
 
-        headers, body, ended = message(tunnel.srv.take(sid))
+        headers, body, ended = message(pair.srv.take(sid))
         assert headers == [(b":status", b"200"), (b"content-length", b"7")]
         assert body == b"hello %d" % n and ended
-        assert tunnel.open()
+        assert pair.open()
     assert ids == [1, 5, 9]
-    assert tunnel.srv.h3_events == [] and tunnel.cli.h3_events == []
-    assert bytes(tunnel.srv.stream0) == REGISTRATION  # nothing else arrived there
+    assert pair.srv.h3_events == [] and pair.cli.h3_events == []
+    assert bytes(pair.srv.stream0) == REGISTRATION  # nothing else arrived there
 
 
-def test_many_concurrent_streamed_requests_and_responses(tunnel):
+def test_many_concurrent_streamed_requests_and_responses(pair):
     n = 50
     bodies = {}
     for i in range(n):
-        sid = tunnel.server.get_next_available_stream_id()
+        sid = pair.server.get_next_available_stream_id()
         chunks = [bytes([i, k]) * (300 + 17 * i) for k in range(3)]
         bodies[sid] = chunks
         size = str(sum(map(len, chunks))).encode()
-        tunnel.server_h3.send_headers(sid, request_headers(b"POST", b"/echo/%d" % i, [
+        pair.server_h3.send_headers(sid, request_headers(b"POST", b"/echo/%d" % i, [
             (b"content-length", size)]))
     assert sorted(bodies) == [1 + 4 * i for i in range(n)]
     for k in range(3):  # DATA frames interleaved across all streams
         for sid, chunks in bodies.items():
-            tunnel.server_h3.send_data(sid, chunks[k], end_stream=k == 2)
-        tunnel.link.exchange()
-    tunnel.link.advance()
+            pair.server_h3.send_data(sid, chunks[k], end_stream=k == 2)
+        pair.link.exchange()
+    pair.link.advance()
 
     received = {}
     for sid in bodies:
-        headers, body, ended = message(tunnel.cli.take(sid))
+        headers, body, ended = message(pair.cli.take(sid))
         assert dict(headers)[b":path"] == b"/echo/%d" % ((sid - 1) // 4)
         assert ended
         received[sid] = body
     assert received == {sid: b"".join(chunks) for sid, chunks in bodies.items()}
 
     responses = {sid: [body[::-1][j::4] for j in range(4)] for sid, body in received.items()}
-    for sid, parts in responses.items():
-        tunnel.client_h3.send_headers(sid, [(b":status", b"200"),
+    for sid in responses:
+        pair.client_h3.send_headers(sid, [(b":status", b"200"),
                                             (b"content-length", str(len(received[sid])).encode())])
     for j in range(4):
         for sid, parts in responses.items():
-            tunnel.client_h3.send_data(sid, parts[j], end_stream=j == 3)
-        tunnel.link.exchange()
-    tunnel.link.advance()
+            pair.client_h3.send_data(sid, parts[j], end_stream=j == 3)
+        pair.link.exchange()
+    pair.link.advance()
 
     for sid, parts in responses.items():
-        headers, body, ended = message(tunnel.srv.take(sid))
+        headers, body, ended = message(pair.srv.take(sid))
         assert headers[0] == (b":status", b"200") and ended
         assert body == b"".join(parts)
-    assert tunnel.open()
+    assert pair.open()
 
 
-def test_repeated_fields_stay_separate_field_lines(tunnel):
-    sid = tunnel.server.get_next_available_stream_id()
+def test_repeated_fields_stay_separate_field_lines(pair):
+    sid = pair.server.get_next_available_stream_id()
     req = request_headers(extra=[(b"cookie", b"a=1"), (b"x-one", b"1"), (b"cookie", b"b=2")])
-    tunnel.server_h3.send_headers(sid, req, end_stream=True)
-    tunnel.link.advance()
-    headers, _, _ = message(tunnel.cli.take(sid))
+    pair.server_h3.send_headers(sid, req, end_stream=True)
+    pair.link.advance()
+    headers, _, _ = message(pair.cli.take(sid))
     assert headers == req
     assert [v for k, v in headers if k == b"cookie"] == [b"a=1", b"b=2"]
 
     resp = [(b":status", b"204"), (b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2, c=3")]
-    tunnel.client_h3.send_headers(sid, resp, end_stream=True)
-    tunnel.link.advance()
-    headers, _, ended = message(tunnel.srv.take(sid))
+    pair.client_h3.send_headers(sid, resp, end_stream=True)
+    pair.link.advance()
+    headers, _, ended = message(pair.srv.take(sid))
     assert headers == resp and ended
-    assert tunnel.open()
+    assert pair.open()
 
 
 # -- unidirectional stream bookkeeping ----------------------------------------------
@@ -281,11 +284,11 @@ def peer_uni_streams(h3: H3Connection) -> list[int]:
     return [h3._peer_control_stream_id, h3._peer_encoder_stream_id, h3._peer_decoder_stream_id]
 
 
-def test_peer_uni_streams_follow_the_quic_role(tunnel):
+def test_peer_uni_streams_follow_the_quic_role(pair):
     # The client's control/QPACK streams are 2, 6, 10; the server's are 3, 7, 11.
-    assert peer_uni_streams(tunnel.server_h3) == [2, 6, 10]
-    assert peer_uni_streams(tunnel.client_h3) == [3, 7, 11]
-    for h3 in (tunnel.server_h3, tunnel.client_h3):
+    assert peer_uni_streams(pair.server_h3) == [2, 6, 10]
+    assert peer_uni_streams(pair.client_h3) == [3, 7, 11]
+    for h3 in (pair.server_h3, pair.client_h3):
         for sid in peer_uni_streams(h3):
             stream = h3._stream[sid]
             # Only our sending half is absent; the peer's is live (a closed control
@@ -294,14 +297,14 @@ def test_peer_uni_streams_follow_the_quic_role(tunnel):
         assert not h3._stream[h3._peer_control_stream_id].is_ended()
 
     # ...and the connection survives both SETTINGS and a later request.
-    sid = tunnel.server.get_next_available_stream_id()
-    tunnel.server_h3.send_headers(sid, request_headers(), end_stream=True)
-    tunnel.link.advance()
-    assert message(tunnel.cli.take(sid))[2]
-    tunnel.client_h3.send_headers(sid, [(b":status", b"200")], end_stream=True)
-    tunnel.link.advance()
-    assert message(tunnel.srv.take(sid))[0] == [(b":status", b"200")]
-    assert tunnel.open()
+    sid = pair.server.get_next_available_stream_id()
+    pair.server_h3.send_headers(sid, request_headers(), end_stream=True)
+    pair.link.advance()
+    assert message(pair.cli.take(sid))[2]
+    pair.client_h3.send_headers(sid, [(b":status", b"200")], end_stream=True)
+    pair.link.advance()
+    assert message(pair.srv.take(sid))[0] == [(b":status", b"200")]
+    assert pair.open()
 
 
 class FlippedH3Connection(H3Connection):
@@ -329,21 +332,49 @@ def test_naive_role_flip_marks_the_peer_control_stream_ended(tls):
     assert t.open()
 
 
-def test_is_request_stream_on_both_sides(tunnel):
-    for h3 in (tunnel.server_h3, tunnel.client_h3):
+def test_is_request_stream_on_both_sides(pair):
+    for h3 in (pair.server_h3, pair.client_h3):
         assert [h3.is_request_stream(s) for s in (1, 5, 9)] == [True] * 3
         assert [h3.is_request_stream(s) for s in (0, 4, 8)] == [False] * 3
         assert [h3.is_request_stream(s) for s in (2, 3, 6, 7)] == [False] * 4
 
 
-def test_forget_stream_drops_request_state(tunnel):
-    sid = tunnel.server.get_next_available_stream_id()
-    tunnel.server_h3.send_headers(sid, request_headers(b"POST"))
-    tunnel.link.advance()
-    assert sid in tunnel.client_h3._stream
-    tunnel.client_h3.forget_stream(sid)
-    tunnel.client_h3.forget_stream(sid)  # idempotent
-    assert sid not in tunnel.client_h3._stream
+def test_forget_stream_drops_request_state(pair):
+    sid = pair.server.get_next_available_stream_id()
+    pair.server_h3.send_headers(sid, request_headers(b"POST"))
+    pair.link.advance()
+    assert sid in pair.client_h3._stream
+    pair.client_h3.forget_stream(sid)
+    pair.client_h3.forget_stream(sid)  # idempotent
+    assert sid not in pair.client_h3._stream
+
+
+def test_a_malformed_request_fails_only_its_stream(pair):
+    bad = pair.server.get_next_available_stream_id()
+    pair.server_h3.send_headers(bad, request_headers(extra=[(b"X-Upper", b"1")]), end_stream=True)
+    good = pair.server.get_next_available_stream_id()
+    pair.server_h3.send_headers(good, request_headers(), end_stream=True)
+    pair.link.advance()
+    assert "X-Upper" in pair.client_h3.malformed[bad]  # aioquic would close the connection
+    assert pair.cli.take(bad) == []
+    assert message(pair.cli.take(good))[2]
+    assert pair.client._close_event is None and pair.server._close_event is None
+
+
+@pytest.mark.parametrize("method,malformed", [(b"HEAD", False), (b"GET", True)])
+def test_content_length_without_content_only_for_head(pair, method, malformed):
+    sid = pair.server.get_next_available_stream_id()
+    pair.server_h3.send_headers(sid, request_headers(method), end_stream=True)
+    pair.link.advance()
+    assert message(pair.cli.take(sid))[2]
+    pair.client_h3.send_headers(sid, [(b":status", b"200"), (b"content-length", b"1234")],
+                                end_stream=True)
+    pair.link.advance()
+    assert (sid in pair.server_h3.malformed) is malformed
+    if not malformed:
+        headers, body, ended = message(pair.srv.take(sid))
+        assert dict(headers)[b"content-length"] == b"1234" and body == b"" and ended
+    assert pair.client._close_event is None and pair.server._close_event is None
 
 
 # -- unmodified aioquic -----------------------------------------------------------
@@ -386,11 +417,12 @@ def test_strip_hop_by_hop_removes_hop_fields():
 
 @pytest.mark.parametrize("value,kept", [
     ("trailers", True), ("Trailers", True), (" trailers ", True),
-    ("gzip", False), ("trailers, deflate", False), ("", False),
+    ("gzip", False), ("trailers, deflate", True), ("", False),
 ])
 def test_strip_hop_by_hop_keeps_te_trailers_only(value, kept):
+    # Like Go's ReverseProxy: only the "trailers" token of TE is forwarded.
     out = strip_hop_by_hop([("TE", value), ("accept", "*/*")])
-    assert out == ([("TE", value)] if kept else []) + [("accept", "*/*")]
+    assert out == ([("TE", "trailers")] if kept else []) + [("accept", "*/*")]
 
 
 def test_connection_named_fields_are_case_insensitive_and_repeatable():
