@@ -124,3 +124,9 @@ def slow_body():
             yield BLOCK
             time.sleep(0.1)
     return Response(gen(), mimetype="application/octet-stream")
+
+
+def validated(environ, start_response):
+    """The Flask app behind wsgiref's PEP 3333 validator (checks our environ and calls)."""
+    from wsgiref.validate import validator
+    return validator(app)(environ, start_response)
