@@ -155,7 +155,7 @@ def _load_app(spec: str):
 
 @main.command("wsgi")
 @_client_options
-@click.option("--threads", default=64, show_default=True,
+@click.option("--threads", default=100, show_default=True,
               help="Threads running the app; 0 runs it in greenlets (gevent-friendly apps).")
 @click.argument("app")
 def wsgi_command(log, tunnel_address, server_name, tunnel_group, cacert_path, insecure, username,

@@ -76,7 +76,7 @@ class Client:
                  auth: BasicAuth | BearerAuth | None = None, ca_file: str | None = None,
                  insecure: bool = False, on_ready: Callable[["Client"], None] | None = None,
                  max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
-                 app_threads: int = 64, max_retries: int | None = None,
+                 app_threads: int = 100, max_retries: int | None = None,
                  backoff: tuple[float, float] = (0.1, 30.0), handshake_timeout: float = 10.0,
                  dead_peer_timeout: float = 5.0) -> None:
         self.app = app

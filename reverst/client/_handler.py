@@ -60,7 +60,7 @@ def _direct(fn: Callable, *args):
 class WSGIHandler:
     """``Connection.on_request`` callback serving a WSGI app."""
 
-    def __init__(self, app, *, threads: int = 64) -> None:
+    def __init__(self, app, *, threads: int = 100) -> None:
         self.app = app
         self._pool = gevent.threadpool.ThreadPool(threads) if threads > 0 else None
         self._call = _ThreadBridge() if threads > 0 else _direct
