@@ -103,11 +103,43 @@ def _stop_on_signals(stop) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """reverst tunnel clients."""
+    """reverst tunnel clients: publish a local port or a WSGI app through reverstd."""
+
+
+def _load_config(ctx, param, value):
+    """``--config FILE``: YAML whose keys are long flag names; they become defaults that
+    environment variables and flags override.  A missing default ``config.yml`` is fine."""
+    import os
+    import yaml
+    explicit = ctx.get_parameter_source(param.name) not in (
+        click.core.ParameterSource.DEFAULT, None)
+    if not os.path.exists(value):
+        if explicit:
+            raise click.BadParameter(f"{value}: no such file", ctx=ctx, param=param)
+        return value
+    try:
+        with open(value, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"{value}: {str(exc).splitlines()[0]}", ctx=ctx, param=param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: expected a mapping of flag names to values", ctx=ctx, param=param)
+    known = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config"}
+    defaults = {}
+    for key, val in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise click.BadParameter(f"{value}: unknown key {key!r}", ctx=ctx, param=param)
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
 
 
 def _client_options(fn):
     for decorator in reversed([
+        _opt("--config", env="CONFIG", default="config.yml", show_default=True, is_eager=True,
+             expose_value=False, callback=_load_config,
+             help="YAML file of flag values (keys are long flag names)."),
         _opt("-l", "--log", env="LOG", default="info", show_default=True, type=_log_choice),
         _opt("-a", "--tunnel-address", env="TUNNEL_ADDRESS", default="127.0.0.1:7171", show_default=True,
              help="reverstd's QUIC address."),
@@ -125,6 +157,10 @@ def _client_options(fn):
              callback=_duration),
         _opt("--keep-alive-period", env="KEEP_ALIVE_PERIOD", default="30s", show_default=True,
              callback=_duration),
+        _opt("--connections", env="CONNECTIONS", default=1, show_default=True,
+             type=click.IntRange(1, 64), help="Independent tunnel connections to open."),
+        _opt("--grace-period", env="GRACE_PERIOD", default="30s", show_default=True, callback=_duration,
+             help="On SIGINT/SIGTERM, how long in-flight requests may take to finish."),
     ]):
         fn = decorator(fn)
     return fn
@@ -153,30 +189,69 @@ def _load_app(spec: str):
     return app
 
 
-@main.command("wsgi")
-@_client_options
-@click.option("--threads", default=100, show_default=True,
-              help="Threads running the app; 0 runs it in greenlets (gevent-friendly apps).")
-@click.argument("app")
-def wsgi_command(log, tunnel_address, server_name, tunnel_group, cacert_path, insecure, username,
-                 password, token, scheme, max_idle_timeout, keep_alive_period, threads, app):
-    """Serve the WSGI application APP (module:attribute) through the tunnel."""
-    _setup_logging(log)
-    sys.path.insert(0, ".")
+def _run_client(app, description: str, opts: dict, threads: int) -> None:
+    """Serve ``app`` until a signal (graceful stop, exit 0) or a fatal registration error (exit 2)."""
+    import gevent
     from .client import Client
+    group = opts["tunnel_group"] or opts["server_name"]
+    announced = []
+
+    def ready(client):
+        if not announced:
+            announced.append(True)
+            click.echo(f"reverst: {description} is reachable through {client.host}:{client.port} "
+                       f"in tunnel group {group!r}", err=True)
+
     client = Client(
-        _load_app(app), tunnel_address, tunnel_group=tunnel_group or server_name,
-        server_name=server_name, auth=_auth(username, password, token, scheme), ca_file=cacert_path,
-        insecure=insecure, max_idle_timeout=max_idle_timeout, keep_alive_period=keep_alive_period,
-        app_threads=threads,
-        on_ready=lambda c: click.echo(f"serving {app} through {c.host}:{c.port} in group "
-                                      f"{c.tunnel_group!r}", err=True))
-    _stop_on_signals(client.stop)
+        app, opts["tunnel_address"], tunnel_group=group, server_name=opts["server_name"],
+        auth=_auth(opts["username"], opts["password"], opts["token"], opts["scheme"]),
+        ca_file=opts["cacert_path"], insecure=opts["insecure"], max_idle_timeout=opts["max_idle_timeout"],
+        keep_alive_period=opts["keep_alive_period"], app_threads=threads,
+        connections=opts["connections"], on_ready=ready)
+    _stop_on_signals(lambda: client.stop(opts["grace_period"]))
     try:
         client.dial_and_serve()
     except ReverstError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"reverst: {exc}", err=True)
         sys.exit(2)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.getLogger("reverst").info("stopped")
+
+
+@main.command("expose")
+@_client_options
+@click.option("--rewrite-host", envvar="REVERST_REWRITE_HOST", is_flag=True, default=False,
+              help="Send the local address as Host instead of the public one.")
+@click.option("--local-timeout", envvar="REVERST_LOCAL_TIMEOUT", default="60s", show_default=True,
+              callback=_duration, help="Give up on a silent local service after this long (504).")
+@click.option("--local-insecure", envvar="REVERST_LOCAL_INSECURE", is_flag=True, default=False,
+              help="Do not verify the certificate of an https local service.")
+@click.argument("addr")
+def expose_command(addr, rewrite_host, local_timeout, local_insecure, **opts):
+    """Publish the local HTTP service ADDR (8080, host:port or http(s)://host:port/prefix)."""
+    _setup_logging(opts["log"])
+    from .proxy import LocalProxy
+    try:
+        proxy = LocalProxy(addr, rewrite_host=rewrite_host, timeout=local_timeout, verify=not local_insecure)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ADDR") from None
+    _run_client(proxy, proxy.target, opts, threads=100)
+
+
+main.add_command(expose_command, "http")  # the Go CLI's name
+
+
+@main.command("wsgi")
+@_client_options
+@click.option("--threads", envvar="REVERST_THREADS", default=100, show_default=True,
+              help="Threads running the app; 0 runs it in greenlets (gevent-friendly apps).")
+@click.argument("app")
+def wsgi_command(app, threads, **opts):
+    """Serve the WSGI application APP (module:attribute) through the tunnel."""
+    _setup_logging(opts["log"])
+    sys.path.insert(0, ".")
+    _run_client(_load_app(app), app, opts, threads)
 
 
 @click.group()

@@ -25,6 +25,7 @@ CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
 
 H3_NO_ERROR = 0x100
 H3_INTERNAL_ERROR = 0x102
+H3_REQUEST_REJECTED = 0x10B
 H3_REQUEST_CANCELLED = 0x10C
 H3_MESSAGE_ERROR = 0x10E
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import ssl
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,21 +66,24 @@ def _split_address(address) -> tuple[str, int]:
 
 
 class Client:
-    """Keeps one tunnel connection registered and serves ``app`` through it.
+    """Keeps ``connections`` tunnel connections registered and serves ``app`` through them.
 
     ``dial_and_serve()`` blocks until :meth:`stop` is called or registration fails for
     good (:class:`Unauthorized`/:class:`BadRequest` at once; :class:`NotFound` and
-    server errors after ``max_retries`` attempts, forever by default).  A dropped
-    connection is re-dialled with capped exponential backoff.
+    server errors after ``max_retries`` consecutive failures, never by default).  A
+    dropped connection is re-dialled with capped exponential backoff and jitter; the
+    backoff starts over once a connection has stayed up for ``healthy_after`` seconds.
     """
 
     def __init__(self, app, tunnel_address, *, tunnel_group: str, server_name: str | None = None,
                  auth: BasicAuth | BearerAuth | None = None, ca_file: str | None = None,
                  insecure: bool = False, on_ready: Callable[["Client"], None] | None = None,
                  max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
-                 app_threads: int = 100, max_retries: int | None = None,
-                 backoff: tuple[float, float] = (0.1, 30.0), handshake_timeout: float = 10.0,
-                 dead_peer_timeout: float = 5.0) -> None:
+                 app_threads: int = 100, connections: int = 1, max_retries: int | None = None,
+                 backoff: tuple[float, float] = (0.1, 30.0), healthy_after: float = 60.0,
+                 handshake_timeout: float = 10.0, dead_peer_timeout: float = 5.0) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
         self.app = app
         self.host, self.port = _split_address(tunnel_address)
         self.tunnel_group = tunnel_group
@@ -91,65 +96,56 @@ class Client:
         self.keep_alive_period = keep_alive_period
         self.max_retries = max_retries
         self.backoff = backoff
+        self.healthy_after = healthy_after
         self.handshake_timeout = handshake_timeout
         self.dead_peer_timeout = dead_peer_timeout
         self._handler = WSGIHandler(app, threads=app_threads)
         self._stopping = gevent.event.Event()
-        self.connection: Connection | None = None
-        self._endpoint: Endpoint | None = None
+        self._slots: list[Connection | None] = [None] * connections
+        self._endpoints: list[Endpoint | None] = [None] * connections
 
     def __repr__(self) -> str:
-        state = "connected" if self.connection is not None and self.connection.is_open else "disconnected"
-        return f"<Client {self.host}:{self.port} group={self.tunnel_group!r} {state}>"
+        return (f"<Client {self.host}:{self.port} group={self.tunnel_group!r} "
+                f"connected={len(self.connections)}/{len(self._slots)}>")
+
+    @property
+    def connections(self) -> list[Connection]:
+        """The tunnel connections that are currently open."""
+        return [c for c in self._slots if c is not None and c.is_open]
+
+    @property
+    def connection(self) -> Connection | None:
+        """The first slot's connection (open or not), for single-connection use."""
+        return self._slots[0]
 
     # -- public API -------------------------------------------------------------------
     def dial_and_serve(self) -> None:
-        failures = 0
+        """Dial, register and serve until :meth:`stop`; raises when registration fails for good."""
+        runners = [gevent.spawn(self._run_slot, i) for i in range(len(self._slots))]
         try:
-            while not self._stopping.is_set():
-                try:
-                    conn = self._dial_and_register()
-                except (Unauthorized, BadRequest):
-                    raise
-                except (ReverstError, OSError, gevent.Timeout) as exc:
-                    self._close_endpoint()
-                    if self._stopping.is_set():
-                        break
-                    failures += 1
-                    if self.max_retries is not None and failures > self.max_retries:
-                        raise
-                    delay = self._delay(failures)
-                    logger.warning("registration with %s:%d failed (%s); retrying in %.1fs",
-                                   self.host, self.port, exc, delay)
-                    self._stopping.wait(delay)
-                    continue
-                failures = 0
-                logger.info("registered with %s:%d in group %r", self.host, self.port, self.tunnel_group)
-                if self.on_ready is not None:
-                    self.on_ready(self)
-                gevent.wait([conn.closed, self._stopping], count=1)
-                if not self._stopping.is_set():
-                    logger.warning("tunnel connection lost: %s; reconnecting", conn.close_reason)
-                    self._close_endpoint()
-                    self._stopping.wait(self._delay(1))
+            for done in gevent.iwait(runners):
+                if done.exception is not None:  # a fatal error ends every slot
+                    self._stopping.set()
+                    for runner in runners:
+                        runner.kill(block=False)
+                    raise done.exception
         finally:
-            self._close_endpoint()
+            self._stopping.set()
+            gevent.killall(runners, block=True, timeout=5)
+            for i in range(len(self._slots)):
+                self._close_endpoint(i)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving: close the tunnel connection (code 0x0) and return."""
+        """Stop gracefully: refuse new requests, let in-flight ones finish (up to
+        ``timeout`` seconds), then close every tunnel connection with code 0x0."""
         self._stopping.set()
-        conn = self.connection
-        if conn is not None and conn.is_open:
-            deadline = gevent.Timeout(timeout)
-            deadline.start()
-            try:
-                while self._handler.active:
-                    gevent.sleep(0.05)
-            except gevent.Timeout:
-                pass
-            finally:
-                deadline.close()
-            conn.close(protocol.AppErrorCode.OK, "client closing")
+        self._handler.accepting = False
+        with gevent.Timeout(timeout, False):
+            while self._handler.active:
+                gevent.sleep(0.05)
+        for conn in self._slots:
+            if conn is not None and conn.is_open:
+                conn.close(protocol.AppErrorCode.OK, "client closing")
         self._handler.close()
 
     def __enter__(self):
@@ -159,13 +155,52 @@ class Client:
         self.stop()
 
     # -- internals ------------------------------------------------------------------------
+    def _run_slot(self, slot: int) -> None:
+        failures = 0
+        name = f"connection {slot + 1}/{len(self._slots)}" if len(self._slots) > 1 else "connection"
+        while not self._stopping.is_set():
+            try:
+                conn = self._dial_and_register(slot)
+            except (Unauthorized, BadRequest):
+                raise
+            except (ReverstError, OSError, gevent.Timeout) as exc:
+                self._close_endpoint(slot)
+                if self._stopping.is_set():
+                    return
+                failures += 1
+                if self.max_retries is not None and failures > self.max_retries:
+                    raise
+                delay = self._delay(failures)
+                if isinstance(exc, NotFound):
+                    logger.warning("%s: tunnel group %r is unknown to %s:%d (%s); retrying in %.1fs",
+                                   name, self.tunnel_group, self.host, self.port, exc, delay)
+                else:
+                    logger.info("%s: registration with %s:%d failed (%s); retrying in %.1fs",
+                                name, self.host, self.port, exc, delay)
+                self._stopping.wait(delay)
+                continue
+            connected_at = time.monotonic()
+            logger.info("%s registered with %s:%d in group %r", name, self.host, self.port,
+                        self.tunnel_group)
+            if self.on_ready is not None:
+                self.on_ready(self)
+            gevent.wait([conn.closed, self._stopping], count=1)
+            if self._stopping.is_set():
+                return
+            self._close_endpoint(slot)
+            if time.monotonic() - connected_at >= self.healthy_after:
+                failures = 0
+            failures += 1
+            delay = self._delay(failures)
+            logger.info("%s lost (%s); reconnecting in %.1fs", name, conn.close_reason, delay)
+            self._stopping.wait(delay)
+
     def _delay(self, failures: int) -> float:
         low, high = self.backoff
         delay = min(high, low * 2 ** (failures - 1))
         return delay * random.uniform(0.9, 1.1)
 
     def _configuration(self) -> QuicConfiguration:
-        import ssl
         cfg = QuicConfiguration(
             is_client=True, alpn_protocols=[protocol.ALPN], server_name=self.server_name,
             idle_timeout=self.max_idle_timeout, max_datagram_size=1452,
@@ -177,19 +212,19 @@ class Client:
             cfg.load_verify_locations(cafile=self.ca_file)
         return cfg
 
-    def _close_endpoint(self) -> None:
-        if self._endpoint is not None:
-            self._endpoint.close()
-            self._endpoint = None
+    def _close_endpoint(self, slot: int) -> None:
+        endpoint, self._endpoints[slot] = self._endpoints[slot], None
+        if endpoint is not None:
+            endpoint.close()
 
-    def _dial_and_register(self) -> Connection:
+    def _dial_and_register(self, slot: int) -> Connection:
         infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
-        self._endpoint = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
-        self._endpoint.start()
-        conn = self._endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
-                                      dead_peer_timeout=self.dead_peer_timeout)
-        self.connection = conn
+        endpoint = self._endpoints[slot] = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        endpoint.start()
+        conn = endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
+                                dead_peer_timeout=self.dead_peer_timeout)
+        self._slots[slot] = conn
         try:
             with gevent.Timeout(self.handshake_timeout, ServerError("handshake timed out")):
                 gevent.wait([conn.handshake_done, conn.closed], count=1)

@@ -19,7 +19,7 @@ from gevent import monkey
 
 from .._transport import H3Stream
 from ..errors import ConnectionClosed, StreamReset
-from ..http3 import H3_INTERNAL_ERROR
+from ..http3 import H3_INTERNAL_ERROR, H3_REQUEST_REJECTED
 from ..wsgi import WSGIInput, make_environ, response_headers, status_has_body
 
 logger = logging.getLogger("reverst.client")
@@ -65,8 +65,13 @@ class WSGIHandler:
         self._pool = gevent.threadpool.ThreadPool(threads) if threads > 0 else None
         self._call = _ThreadBridge() if threads > 0 else _direct
         self.active = 0
+        #: False while stopping: new requests are refused (H3_REQUEST_REJECTED)
+        self.accepting = True
 
     def __call__(self, stream: H3Stream) -> None:
+        if not self.accepting:
+            stream.reset(H3_REQUEST_REJECTED)
+            return
         gevent.spawn(self._serve, stream)
 
     def close(self) -> None:
