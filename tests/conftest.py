@@ -139,7 +139,7 @@ class TunnelClient(Proc):
             args += ["--username", auth[0], "--password", auth[1]]
         super().__init__(args + list(extra) + [app], env={"APP_NAME": name})
         if wait:
-            self.wait_for("serving .* through")
+            self.wait_for("is reachable through")
 
 
 @pytest.fixture
