@@ -552,11 +552,19 @@ class Stream:
 
     def write(self, data: bytes, end: bool = False) -> None:
         """Queue ``data``; blocks while the peer has not acknowledged enough."""
+        self.queue(data, end)
+        self.wait_writable()
+
+    def queue(self, data: bytes, end: bool = False) -> None:
+        """Queue ``data`` without waiting (callers bound what they queue; see write())."""
         self._check_writable()
         self._send(data, end)
         self._send_ended = end
+        self.conn.schedule_transmit()
+
+    def wait_writable(self) -> None:
+        """Block while more than SEND_HIGH_WATER bytes are queued and unacknowledged."""
         conn = self.conn
-        conn.schedule_transmit()
         while conn.quic.send_buffered(self.stream_id) > SEND_HIGH_WATER:
             self._check_writable()
             conn._blocked_writers.add(self)

@@ -89,6 +89,24 @@ class _Handler(gevent.pywsgi.WSGIHandler):
         env["reverst.header_lines"] = self.headers.headers
         return env
 
+    def _write_with_headers(self, data):
+        # One send for the status line, headers and the first chunk (pywsgi makes two,
+        # which with TCP_NODELAY costs a packet and a wake-up per response).
+        self.headers_sent = True
+        self.finalize_headers()
+        out = bytearray(b"HTTP/1.1 ")
+        out += self.status
+        out += b"\r\n"
+        for header, value in self.response_headers:
+            out += header + b": " + value + b"\r\n"
+        out += b"\r\n"
+        if data:
+            if self.response_use_chunked:
+                out += b"%x\r\n" % len(data) + data + b"\r\n"
+            else:
+                out += data
+        self._sendall(out)
+
     def handle_error(self, t, v, tb):
         if isinstance(v, _UpstreamAborted):
             logger.info("%s %s: tunnel stream aborted mid-response: %s", self.command, self.path, v)

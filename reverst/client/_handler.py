@@ -14,11 +14,14 @@ import sys
 from typing import Callable
 
 import gevent
+import gevent.event
 import gevent.threadpool
+from aioquic.h3.connection import ProtocolError as H3ProtocolError
+from aioquic.h3.exceptions import H3Error
 from gevent import monkey
 
 from .._transport import H3Stream
-from ..errors import ConnectionClosed, StreamReset
+from ..errors import ConnectionClosed, ReverstError, StreamReset
 from ..http3 import H3_INTERNAL_ERROR, H3_REQUEST_REJECTED
 from ..wsgi import WSGIInput, make_environ, response_headers, status_has_body
 
@@ -27,12 +30,17 @@ _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
 
 class _ThreadBridge:
-    """Call a (possibly blocking) gevent function from a native thread."""
+    """How a worker thread drives streams owned by the gevent hub.
+
+    ``call`` runs a (possibly blocking) function in a greenlet and waits for its result
+    with a real lock.  ``post`` queues a non-blocking operation without waiting; posted
+    operations run in order, before anything posted or called after them.
+    """
 
     def __init__(self) -> None:
         self._loop = gevent.get_hub().loop
 
-    def __call__(self, fn: Callable, *args):
+    def call(self, fn: Callable, *args):
         lock = _allocate_lock()
         lock.acquire()
         box: list = []
@@ -52,9 +60,30 @@ class _ThreadBridge:
             return value
         raise value
 
+    def post(self, fn: Callable, *args) -> None:
+        self._loop.run_callback_threadsafe(_quietly, fn, *args)
 
-def _direct(fn: Callable, *args):
-    return fn(*args)
+
+class _DirectBridge:
+    """The app runs in a greenlet: call everything directly."""
+
+    @staticmethod
+    def call(fn: Callable, *args):
+        return fn(*args)
+
+    post = call
+
+
+def _quietly(fn: Callable, *args) -> None:
+    # A posted write to a stream the peer reset: the worker learns it at its next call.
+    try:
+        fn(*args)
+    except (ReverstError, H3Error, H3ProtocolError):
+        pass
+
+
+#: A worker thread waits for the hub after posting this many response bytes.
+POST_LIMIT = 256 * 1024
 
 
 class WSGIHandler:
@@ -63,7 +92,7 @@ class WSGIHandler:
     def __init__(self, app, *, threads: int = 100) -> None:
         self.app = app
         self._pool = gevent.threadpool.ThreadPool(threads) if threads > 0 else None
-        self._call = _ThreadBridge() if threads > 0 else _direct
+        self._bridge = _ThreadBridge() if threads > 0 else _DirectBridge()
         self.active = 0
         #: False while stopping: new requests are refused (H3_REQUEST_REJECTED)
         self.accepting = True
@@ -82,7 +111,9 @@ class WSGIHandler:
         self.active += 1
         try:
             if self._pool is not None:
-                self._pool.spawn(self._run, stream).get()
+                done = gevent.event.Event()
+                self._pool.spawn(self._run_in_thread, stream, done)
+                done.wait()
             else:
                 self._run(stream)
         except Exception:
@@ -91,22 +122,34 @@ class WSGIHandler:
             self.active -= 1
             stream.finish()
 
+    def _run_in_thread(self, stream: H3Stream, done: gevent.event.Event) -> None:
+        try:
+            self._run(stream)
+        finally:  # posted, so it runs after every operation the request posted
+            self._bridge.post(done.set)
+
     def _run(self, stream: H3Stream) -> None:
         """Run the app for one request (in a worker thread or a greenlet)."""
-        call = self._call
+        call, post = self._bridge.call, self._bridge.post
         environ = make_environ(stream.headers, WSGIInput(lambda n: call(stream.read, n)),
                                peer=stream.conn.peer)
         method = environ["REQUEST_METHOD"]
-        state = {"status": None, "headers": None, "sent": False, "body": True}
+        state = {"status": None, "headers": None, "sent": False, "body": True, "posted": 0}
 
         def send_headers(end: bool, data: bytes = b"") -> None:
             fields = response_headers(state["status"], state["headers"])
             state["sent"] = True
             state["body"] = status_has_body(int(fields[0][1]), method)
+            post(stream.send_headers, fields, end and not (data and state["body"]))
             if data and state["body"]:
-                call(_send_headers_and_data, stream, fields, data, end)
-            else:
-                call(stream.send_headers, fields, end)
+                send(data, end)
+
+        def send(data: bytes, end: bool = False) -> None:
+            post(stream.queue, data, end)
+            state["posted"] += len(data)
+            if state["posted"] >= POST_LIMIT:  # back-pressure, and learn about resets
+                state["posted"] = 0
+                call(stream.wait_writable)
 
         def write(data: bytes) -> None:
             if not state["sent"]:
@@ -114,7 +157,7 @@ class WSGIHandler:
                     raise AssertionError("write() before start_response()")
                 send_headers(False, data)
             elif data and state["body"]:
-                call(stream.write, data)
+                send(data)
 
         def start_response(status, headers, exc_info=None):
             if exc_info is not None:
@@ -143,7 +186,7 @@ class WSGIHandler:
                         raise AssertionError("the application did not call start_response()")
                     send_headers(True)
                 else:
-                    call(stream.close)
+                    post(stream.close)
             finally:
                 close = getattr(result, "close", None)
                 if close is not None:
@@ -155,15 +198,10 @@ class WSGIHandler:
                          exc_info=sys.exc_info())
             try:
                 if not state["sent"]:
-                    call(stream.send_headers, [(b":status", b"500"), (b"content-type", b"text/plain"),
+                    post(stream.send_headers, [(b":status", b"500"), (b"content-type", b"text/plain"),
                                                (b"content-length", b"22")], False)
-                    call(stream.write, b"internal server error\n", True)
+                    post(stream.queue, b"internal server error\n", True)
                 else:  # the status is out: only an abort can tell the client
-                    call(stream.reset, H3_INTERNAL_ERROR)
+                    post(stream.reset, H3_INTERNAL_ERROR)
             except (StreamReset, ConnectionClosed):
                 pass
-
-
-def _send_headers_and_data(stream: H3Stream, fields, data: bytes, end: bool) -> None:
-    stream.send_headers(fields)
-    stream.write(data, end)
