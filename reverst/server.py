@@ -227,6 +227,22 @@ class TunnelServer:
     def management_address(self) -> tuple | None:
         return self._management.address if self._management is not None else None
 
+    def update_groups(self, groups: GroupsConfig) -> None:
+        """Switch to a new groups configuration while running.
+
+        New groups route at once; hosts re-route; changed credentials apply to new
+        registrations; the tunnels of removed groups are closed (code 0x0).
+        """
+        old, self.groups = self.groups, groups
+        for name in set(old.groups) - set(groups.groups):
+            tunnels = self._tunnels.pop(name, None)
+            for conn in list(tunnels.connections) if tunnels else []:
+                conn.close(protocol.AppErrorCode.OK, "tunnel group removed")
+        for group in groups.groups.values():
+            if group.is_open and (group.name not in old.groups or not old.groups[group.name].is_open):
+                logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
+        logger.info("tunnel groups updated from %s: %d groups", groups.source, len(groups.groups))
+
     def connections(self, group: str) -> list[Connection]:
         tunnels = self._tunnels.get(group)
         return [c for c in tunnels.connections if c.is_open] if tunnels else []
@@ -267,6 +283,9 @@ class TunnelServer:
         except Exception:
             logger.exception("registration from %s failed", peer)
             conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error")
+            return
+        if self.groups.group(group_name) is None:  # removed by a reload meanwhile
+            conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND)
             return
         conn.attach_h3(http_client=True)
         self._slots[conn] = gevent.lock.BoundedSemaphore(MAX_REQUESTS_PER_CONNECTION)

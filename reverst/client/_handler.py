@@ -145,11 +145,13 @@ class WSGIHandler:
                 send(data, end)
 
         def send(data: bytes, end: bool = False) -> None:
-            post(stream.queue, data, end)
-            state["posted"] += len(data)
-            if state["posted"] >= POST_LIMIT:  # back-pressure, and learn about resets
-                state["posted"] = 0
-                call(stream.wait_writable)
+            for start in range(0, len(data), POST_LIMIT):  # big chunks go in bounded pieces
+                piece = data[start:start + POST_LIMIT]
+                post(stream.queue, piece, end and start + POST_LIMIT >= len(data))
+                state["posted"] += len(piece)
+                if state["posted"] >= POST_LIMIT:  # back-pressure, and learn about resets
+                    state["posted"] = 0
+                    call(stream.wait_writable)
 
         def write(data: bytes) -> None:
             if not state["sent"]:
