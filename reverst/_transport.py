@@ -243,7 +243,8 @@ class Connection:
                 if stream._error is not None or self.quic.send_buffered(stream.stream_id) <= SEND_LOW_WATER:
                     self._blocked_writers.discard(stream)
                     stream._writable.set()
-        self.transmit()
+        # Not at once: greenlets woken above get to answer first, in the same transmit.
+        self.schedule_transmit()
 
     def schedule_transmit(self) -> None:
         """Coalesce the sends of one loop iteration into one transmit."""

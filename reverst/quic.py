@@ -15,6 +15,7 @@ Touches private aioquic names: keep the pin in setup.cfg and the loopback tests.
 """
 from __future__ import annotations
 
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import END_STATES, QuicConnection
 
@@ -22,6 +23,9 @@ from .protocol import AppErrorCode
 
 #: While requests are in flight, PING a peer that has been quiet this long (seconds).
 BUSY_PROBE_INTERVAL = 1.0
+#: Delay an ACK up to this long (aioquic: 1 ms) unless a second datagram needs one: a
+#: request/response exchange then carries its ACKs instead of paying for ACK-only packets.
+ACK_DELAY = 0.005
 
 
 class TunnelQuicConnection(QuicConnection):
@@ -39,6 +43,7 @@ class TunnelQuicConnection(QuicConnection):
         self._held_total = 0
         self._last_rx: float | None = None
         self._probe_sent_at: float | None = None
+        self._unacked = 0
 
     # -- flow control -------------------------------------------------------------
     def hold(self, stream_id: int, nbytes: int) -> None:
@@ -116,6 +121,18 @@ class TunnelQuicConnection(QuicConnection):
         self._last_rx = now
         self._probe_sent_at = None
         super().receive_datagram(data, addr, now)
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            self._unacked += 1
+            # aioquic treats an ACK as urgent (exempt from pacing) only once ack_at < now.
+            space.ack_at = now - 1e-6 if self._unacked >= 2 else max(space.ack_at, now + ACK_DELAY)
+
+    def datagrams_to_send(self, now: float):
+        datagrams = super().datagrams_to_send(now)
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is None:
+            self._unacked = 0
+        return datagrams
 
     @property
     def keep_alive(self) -> float:
