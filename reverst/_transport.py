@@ -33,7 +33,7 @@ from aioquic.quic.packet import (
 from .errors import ConnectionClosed, StreamReset
 from .http3 import H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, ReversedH3Connection
 from .protocol import AppErrorCode
-from .quic import TunnelQuicConnection
+from .quic import TunnelQuicConnection, encode_stateless_reset, stateless_reset_token
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,22 @@ class Endpoint:
                 return None
             conn = self._by_cid.get(header.destination_cid)
             if conn is None:
+                if header.packet_type == QuicPacketType.ONE_RTT:
+                    self._send_stateless_reset(header.destination_cid, len(data), addr)
+                    return None
                 conn = self._accept(header, data, addr)
         if conn is not None:
             conn.quic.receive_datagram(data, addr, t)
         return conn
+
+    def _send_stateless_reset(self, cid: bytes, size: int, addr: tuple) -> None:
+        """Tell a peer of a connection we do not know (e.g. from before a restart) that it is gone."""
+        self.dropped_datagrams += 1
+        key = self._connection_options.get("reset_key")
+        if key is not None:
+            reset = encode_stateless_reset(stateless_reset_token(key, cid), size)
+            if reset is not None:
+                self._sendto(reset, addr)
 
     def _accept(self, header, data: bytes, addr: tuple) -> "Connection | None":
         cfg = self._server_config

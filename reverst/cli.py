@@ -111,8 +111,8 @@ def _load_config(ctx, param, value):
     environment variables and flags override.  A missing default ``config.yml`` is fine."""
     import os
     import yaml
-    explicit = ctx.get_parameter_source(param.name) not in (
-        click.core.ParameterSource.DEFAULT, None)
+    explicit = value is not None  # given by flag or REVERST_CONFIG: it must exist
+    value = value or "config.yml"
     if not os.path.exists(value):
         if explicit:
             raise click.BadParameter(f"{value}: no such file", ctx=ctx, param=param)
@@ -137,9 +137,10 @@ def _load_config(ctx, param, value):
 
 def _client_options(fn):
     for decorator in reversed([
-        _opt("--config", env="CONFIG", default="config.yml", show_default=True, is_eager=True,
-             expose_value=False, callback=_load_config,
-             help="YAML file of flag values (keys are long flag names)."),
+        _opt("--config", env="CONFIG", default=None, is_eager=True, expose_value=False,
+             callback=_load_config,
+             help="YAML file of flag values (keys are long flag names; the default file "
+                  "may be absent)  [default: config.yml]"),
         _opt("-l", "--log", env="LOG", default="info", show_default=True, type=_log_choice),
         _opt("-a", "--tunnel-address", env="TUNNEL_ADDRESS", default="127.0.0.1:7171", show_default=True,
              help="reverstd's QUIC address."),
@@ -189,8 +190,21 @@ def _load_app(spec: str):
     return app
 
 
+def _cooperative() -> None:
+    from gevent import monkey
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all()
+
+
 def _run_client(app, description: str, opts: dict, threads: int) -> None:
-    """Serve ``app`` until a signal (graceful stop, exit 0) or a fatal registration error (exit 2)."""
+    """Serve ``app`` until a signal (graceful stop, exit 0) or a fatal registration error (exit 2).
+
+    ``threads=0`` runs requests in greenlets; the process's sockets are then made
+    cooperative first (gevent monkey-patching, as gunicorn's gevent worker does), which
+    suits the port forwarder: it blocks only on sockets.
+    """
+    if threads == 0:
+        _cooperative()
     import gevent
     from .client import Client
     group = opts["tunnel_group"] or opts["server_name"]
@@ -221,12 +235,12 @@ def _run_client(app, description: str, opts: dict, threads: int) -> None:
 
 @main.command("expose")
 @_client_options
-@click.option("--rewrite-host", envvar="REVERST_REWRITE_HOST", is_flag=True, default=False,
-              help="Send the local address as Host instead of the public one.")
-@click.option("--local-timeout", envvar="REVERST_LOCAL_TIMEOUT", default="60s", show_default=True,
-              callback=_duration, help="Give up on a silent local service after this long (504).")
-@click.option("--local-insecure", envvar="REVERST_LOCAL_INSECURE", is_flag=True, default=False,
-              help="Do not verify the certificate of an https local service.")
+@_opt("--rewrite-host", env="REWRITE_HOST", is_flag=True, default=False,
+      help="Send the local address as Host instead of the public one.")
+@_opt("--local-timeout", env="LOCAL_TIMEOUT", default="60s", show_default=True,
+      callback=_duration, help="Give up on a silent local service after this long (504).")
+@_opt("--local-insecure", env="LOCAL_INSECURE", is_flag=True, default=False,
+      help="Do not verify the certificate of an https local service.")
 @click.argument("addr")
 def expose_command(addr, rewrite_host, local_timeout, local_insecure, **opts):
     """Publish the local HTTP service ADDR (8080, host:port or http(s)://host:port/prefix)."""
@@ -236,7 +250,7 @@ def expose_command(addr, rewrite_host, local_timeout, local_insecure, **opts):
         proxy = LocalProxy(addr, rewrite_host=rewrite_host, timeout=local_timeout, verify=not local_insecure)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="ADDR") from None
-    _run_client(proxy, proxy.target, opts, threads=100)
+    _run_client(proxy, proxy.target, opts, threads=0)
 
 
 main.add_command(expose_command, "http")  # the Go CLI's name
@@ -244,11 +258,13 @@ main.add_command(expose_command, "http")  # the Go CLI's name
 
 @main.command("wsgi")
 @_client_options
-@click.option("--threads", envvar="REVERST_THREADS", default=100, show_default=True,
+@_opt("--threads", env="THREADS", default=100, show_default=True,
               help="Threads running the app; 0 runs it in greenlets (gevent-friendly apps).")
 @click.argument("app")
 def wsgi_command(app, threads, **opts):
     """Serve the WSGI application APP (module:attribute) through the tunnel."""
+    if threads == 0:
+        _cooperative()  # before the app imports anything that binds to sockets
     _setup_logging(opts["log"])
     sys.path.insert(0, ".")
     _run_client(_load_app(app), app, opts, threads)

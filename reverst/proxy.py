@@ -11,10 +11,6 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
-                                ReadTimeoutError)
-
 from .http3 import strip_hop_by_hop
 
 logger = logging.getLogger("reverst.proxy")
@@ -66,16 +62,29 @@ class LocalProxy:
         self._netloc = parts.netloc
         self._prefix = parts.path
         self.rewrite_host = rewrite_host
-        self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=pool_size, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=timeout),
-            cert_reqs="CERT_REQUIRED" if verify else "CERT_NONE")
+        self._pool_options = dict(maxsize=pool_size, timeout=(connect_timeout, timeout), verify=verify)
+        self._pool_instance = None
         self._origin = f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def _pool(self):
+        # urllib3 is imported on first use, so that `reverst expose` can make sockets
+        # cooperative (gevent monkey-patching) before anything binds to them.
+        if self._pool_instance is None:
+            import urllib3
+            o = self._pool_options
+            self._pool_instance = urllib3.PoolManager(
+                num_pools=4, maxsize=o["maxsize"], block=False, retries=False,
+                timeout=urllib3.Timeout(connect=o["timeout"][0], read=o["timeout"][1]),
+                cert_reqs="CERT_REQUIRED" if o["verify"] else "CERT_NONE")
+        return self._pool_instance
 
     def __repr__(self) -> str:
         return f"<LocalProxy {self.target}>"
 
     def __call__(self, environ: dict, start_response):
+        import urllib3
+        from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
         method = environ["REQUEST_METHOD"]
         target = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "/")
         url = self._origin + self._prefix + target
@@ -121,6 +130,7 @@ def _body(stream):
 
 
 def _relay(response):
+    from urllib3.exceptions import ProtocolError, ReadTimeoutError
     try:
         while True:
             try:

@@ -15,6 +15,9 @@ Touches private aioquic names: keep the pin in setup.cfg and the loopback tests.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import END_STATES, QuicConnection
@@ -28,10 +31,34 @@ BUSY_PROBE_INTERVAL = 1.0
 ACK_DELAY = 0.005
 
 
+def stateless_reset_token(key: bytes, cid: bytes) -> bytes:
+    """The token a server with ``key`` puts on connection id ``cid`` (RFC 9000 §10.3.2).
+
+    Derived rather than random, so a restarted server (same key) can still tell the
+    clients of its previous life that their connection is gone.
+    """
+    return hmac.new(key, cid, hashlib.sha256).digest()[:16]
+
+
+def encode_stateless_reset(token: bytes, trigger_size: int) -> bytes | None:
+    """A stateless reset smaller than the packet that triggered it, or None if too small."""
+    size = min(trigger_size - 1, 42)
+    if size < 21:
+        return None
+    import os
+    head = bytearray(os.urandom(size - 16))
+    head[0] = 0x40 | (head[0] & 0x3F)  # looks like a short-header packet
+    return bytes(head) + token
+
+
 class TunnelQuicConnection(QuicConnection):
     def __init__(self, *, keep_alive: float | None = None, dead_peer_timeout: float = 5.0,
-                 **kwargs) -> None:
+                 reset_key: bytes | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self._reset_key = reset_key
+        if reset_key is not None and not self._is_client:
+            for cid in self._host_cids:
+                cid.stateless_reset_token = stateless_reset_token(reset_key, cid.cid)
         cfg = self._configuration
         self.keep_alive_period = keep_alive
         self.dead_peer_timeout = dead_peer_timeout
@@ -117,7 +144,29 @@ class TunnelQuicConnection(QuicConnection):
                 error_code=AppErrorCode.OK, frame_type=None, reason_phrase="closed")
         return None
 
+    def _replenish_connection_ids(self) -> None:
+        before = len(self._host_cids)
+        super()._replenish_connection_ids()
+        if self._reset_key is not None:
+            for cid in self._host_cids[before:]:
+                cid.stateless_reset_token = stateless_reset_token(self._reset_key, cid.cid)
+
+    def _is_stateless_reset(self, data: bytes) -> bool:
+        # aioquic does not detect stateless resets (RFC 9000 §10.3.1): a short-header
+        # datagram ending with a token the peer gave us means the peer lost our state.
+        if len(data) < 21 or data[0] & 0x80 or not self._handshake_complete:
+            return False
+        tail = data[-16:]
+        tokens = [c.stateless_reset_token for c in [self._peer_cid, *self._peer_cid_available]]
+        return any(t and hmac.compare_digest(t, tail) for t in tokens)
+
     def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        if self._state not in END_STATES and self._is_stateless_reset(data):
+            self._close_event = events.ConnectionTerminated(
+                error_code=AppErrorCode.SERVER_ERROR, frame_type=None,
+                reason_phrase="stateless reset: the peer lost the connection")
+            self._close_begin(is_initiator=False, now=now)
+            return
         self._last_rx = now
         self._probe_sent_at = None
         super().receive_datagram(data, addr, now)

@@ -6,6 +6,7 @@ stream -> the tunnel client's response streamed back.
 """
 from __future__ import annotations
 
+import hashlib
 import http
 import logging
 import socket
@@ -151,7 +152,10 @@ class TunnelServer:
         self._quic_config = server_configuration(
             certificate_path, private_key_path, idle_timeout=max_idle_timeout,
             max_datagram_size=max_datagram_size)
-        self._conn_options = {"keep_alive": keep_alive_period, "dead_peer_timeout": dead_peer_timeout}
+        with open(private_key_path, "rb") as fh:  # stable across restarts, never sent
+            reset_key = hashlib.sha256(b"reverst stateless reset\0" + fh.read()).digest()
+        self._conn_options = {"keep_alive": keep_alive_period, "dead_peer_timeout": dead_peer_timeout,
+                              "reset_key": reset_key}
         self._tunnel_bind = tunnel_address
         self._http_bind = http_address
         self._management_bind = management_address

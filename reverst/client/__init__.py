@@ -101,6 +101,7 @@ class Client:
         self.dead_peer_timeout = dead_peer_timeout
         self._handler = WSGIHandler(app, threads=app_threads)
         self._stopping = gevent.event.Event()
+        self._stopped = gevent.event.Event()  # set by stop() once connections are closed
         self._slots: list[Connection | None] = [None] * connections
         self._endpoints: list[Endpoint | None] = [None] * connections
 
@@ -129,6 +130,8 @@ class Client:
                     for runner in runners:
                         runner.kill(block=False)
                     raise done.exception
+            # stop() was called: let it finish in-flight requests and close the connections
+            self._stopped.wait()
         finally:
             self._stopping.set()
             gevent.killall(runners, block=True, timeout=5)
@@ -137,16 +140,23 @@ class Client:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop gracefully: refuse new requests, let in-flight ones finish (up to
-        ``timeout`` seconds), then close every tunnel connection with code 0x0."""
+        ``timeout`` seconds), then close every tunnel connection with code 0x0.
+        ``dial_and_serve()`` returns once this is done."""
+        if self._stopping.is_set():
+            self._stopped.wait()
+            return
         self._stopping.set()
         self._handler.accepting = False
-        with gevent.Timeout(timeout, False):
-            while self._handler.active:
-                gevent.sleep(0.05)
-        for conn in self._slots:
-            if conn is not None and conn.is_open:
-                conn.close(protocol.AppErrorCode.OK, "client closing")
-        self._handler.close()
+        try:
+            with gevent.Timeout(timeout, False):
+                while self._handler.active:
+                    gevent.sleep(0.05)
+            for conn in self._slots:
+                if conn is not None and conn.is_open:
+                    conn.close(protocol.AppErrorCode.OK, "client closing")
+            self._handler.close()
+        finally:
+            self._stopped.set()
 
     def __enter__(self):
         return self

@@ -1,0 +1,496 @@
+"""End to end: public HTTP/1.1 -> reverstd -> QUIC/HTTP/3 -> `reverst expose` -> a real local HTTP server.
+
+The local service is a stdlib ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive) running in a
+daemon thread of the test process; ``reverstd`` and ``reverst expose`` are real processes.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+
+from .conftest import READY_SERVER, Proc
+
+H = {"Host": "app.test"}
+READY = r"reverst: (\S+) is reachable through (\S+) in tunnel group '([^']*)'"
+
+
+# -- the local service -------------------------------------------------------------------------
+class LocalHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "LocalService/1"
+    timeout = 30  # an idle keep-alive connection never pins a thread for ever
+
+    def log_message(self, fmt, *args):  # keep pytest's output clean
+        pass
+
+    # helpers
+    def _send(self, status, body: bytes, content_type="text/plain", headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _read_body(self):
+        """Yield the request body, Content-Length or chunked."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                line = self.rfile.readline(1024)
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return
+                left = size
+                while left:
+                    data = self.rfile.read(min(left, 1 << 20))
+                    if not data:
+                        raise ConnectionError("body cut short")
+                    left -= len(data)
+                    yield data
+                self.rfile.readline(1024)  # CRLF after the chunk
+        else:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                data = self.rfile.read(min(left, 1 << 20))
+                if not data:
+                    raise ConnectionError("body cut short")
+                left -= len(data)
+                yield data
+
+    # routes
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        parts = urlsplit(self.path)
+        path, query = parts.path, parse_qs(parts.query)
+        if path == "/hello":
+            self._send(200, b"Hello, local!")
+        elif path == "/sse":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self._chunk(b"data: first\n\n")
+            time.sleep(1.5)
+            self._chunk(b"data: second\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+        elif path == "/cookies":
+            self._send(200, b"cookies", headers=[("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; HttpOnly")])
+        elif path == "/redirect":
+            self._send(302, b"moved", headers=[("Location", "/hello")])
+        elif path == "/echo":
+            body = json.dumps({"path": self.path, "method": self.command,
+                               "headers": [[k, v] for k, v in self.headers.items()]}).encode()
+            self._send(200, body, content_type="application/json")
+        elif path.startswith("/prefix/"):
+            self._send(200, f"prefixed {self.path}".encode())
+        elif path == "/slow":
+            seconds = float(query.get("s", ["1"])[0])
+            time.sleep(seconds)
+            self._send(200, f"slept {seconds:g}".encode())
+        else:
+            self._send(404, f"no route {path}".encode())
+
+    def do_POST(self):
+        if urlsplit(self.path).path != "/upload":
+            return self._send(404, b"no route")
+        digest, size = hashlib.sha256(), 0
+        for data in self._read_body():
+            digest.update(data)
+            size += len(data)
+        body = json.dumps({"size": size, "sha256": digest.hexdigest(),
+                           "transfer_encoding": self.headers.get("Transfer-Encoding"),
+                           "content_length": self.headers.get("Content-Length")}).encode()
+        self._send(200, body, content_type="application/json")
+
+
+class LocalServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # e.g. the proxy gave up (504)
+            super().handle_error(request, client_address)
+
+
+@pytest.fixture
+def local():
+    """The local HTTP service on 127.0.0.1:<ephemeral>; yields its port."""
+    srv = LocalServer(("127.0.0.1", 0), LocalHandler)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes ---------------------------------------------------------------------------------
+class FixedServer(Proc):
+    """``reverstd`` on explicit addresses (to restart it on the same ports)."""
+
+    def __init__(self, certs, groups_path, tunnel="127.0.0.1:0", http="127.0.0.1:0"):
+        super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
+                          "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
+                          "-g", str(groups_path), "-a", tunnel, "-s", http])
+        m = self.wait_for(READY_SERVER.pattern)
+        self.tunnel_address = m.group(1)
+        self.http_port = int(m.group(2).rsplit(":", 1)[1])
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+
+class Expose(Proc):
+    def __init__(self, server, certs, addr, *, password="pass", group="app.test", extra=(), wait=True):
+        super().__init__([sys.executable, "-m", "reverst.cli", "client", "expose", "-l", "debug",
+                          "-a", server.tunnel_address, "-n", "localhost", "-g", group,
+                          "-c", certs["ca"], "--username", "user", "--password", password,
+                          *extra, str(addr)])
+        if wait:
+            self.wait_for(READY, timeout=15)
+
+
+@pytest.fixture
+def expose(server, certs, procs):
+    def start(addr, **kwargs):
+        p = Expose(server, certs, addr, **kwargs)
+        procs.append(p)
+        return p
+    return start
+
+
+@pytest.fixture
+def exposed(local, expose, server):
+    """reverstd + `reverst expose PORT` in front of the local service."""
+    expose(local)
+    return server
+
+
+@pytest.fixture(autouse=True)
+def show_process_logs_on_failure(request, procs):
+    """When a test fails, print the end of each process's log (without aioquic's and
+    urllib3's debug lines): a cut connection is otherwise hard to explain."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed_before:
+        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        for p in procs:
+            lines = [line for line in p.lines if " quic: " not in line and " urllib3." not in line]
+            name = " ".join(a for a in p.args[3:5] if not a.startswith("-"))
+            reporter.write_line(f"\n----- {name} pid {p.pid} (last {min(len(lines), 60)} lines)")
+            for line in lines[-60:]:
+                reporter.write_line(line)
+
+
+def get(server, path, **kw):
+    kw.setdefault("timeout", 10)
+    headers = {**H, **kw.pop("headers", {})}
+    return requests.get(server.url(path), headers=headers, **kw)
+
+
+def wait_exit(proc: Proc, timeout: float) -> int:
+    try:
+        return proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"process still running after {timeout}s; output:\n{proc.output()}") from None
+
+
+# -- forwarding --------------------------------------------------------------------------------
+def test_ready_line_names_target_address_and_group(local, expose, server):
+    p = expose(local)
+    m = p.wait_for(READY)
+    assert m.group(1) == f"http://127.0.0.1:{local}"
+    assert m.group(2) == server.tunnel_address
+    assert m.group(3) == "app.test"
+
+
+def test_get(exposed):
+    r = get(exposed, "/hello")
+    assert (r.status_code, r.text) == (200, "Hello, local!")
+    assert r.headers["Content-Length"] == "13"
+    assert r.headers["Content-Type"] == "text/plain"
+
+
+def test_unknown_path_status_passes_through(exposed):
+    r = get(exposed, "/nope?x=1")
+    assert (r.status_code, r.text) == (404, "no route /nope")
+
+
+def test_head(exposed):
+    r = requests.head(exposed.url("/hello"), headers=H, timeout=10)
+    assert r.status_code == 200
+    assert r.headers["Content-Length"] == "13"
+    assert r.content == b""
+    assert get(exposed, "/hello").text == "Hello, local!"  # the keep-alive connection is still sane
+
+
+def test_post_upload_50mb_chunked_with_checksum(exposed):
+    block = hashlib.sha256(b"seed").digest() * (65536 // 32)  # 64 KiB, not all zeros
+    count = 50 * 1024 * 1024 // len(block)
+    expected = hashlib.sha256()
+    for _ in range(count):
+        expected.update(block)
+
+    def body():
+        for _ in range(count):
+            yield block
+
+    r = requests.post(exposed.url("/upload"), headers=H, data=body(), timeout=60)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["size"] == 50 * 1024 * 1024
+    assert result["sha256"] == expected.hexdigest()
+    assert result["transfer_encoding"] == "chunked"
+
+
+def test_post_upload_with_content_length(exposed):
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    r = requests.post(exposed.url("/upload"), headers=H, data=data, timeout=30)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert (result["size"], result["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert result["content_length"] == str(len(data))
+
+
+def test_chunked_sse_first_event_arrives_before_the_stream_ends(exposed):
+    start = time.monotonic()
+    with get(exposed, "/sse", stream=True) as r:
+        assert r.status_code == 200
+        assert r.headers["Content-Type"] == "text/event-stream"
+        chunks = r.iter_content(None)
+        first = next(chunks)
+        first_at = time.monotonic() - start
+        rest = b"".join(chunks)
+        end_at = time.monotonic() - start
+    assert first == b"data: first\n\n"
+    assert first_at < 1.2, f"first event after {first_at:.2f}s: buffered"
+    assert rest == b"data: second\n\n"
+    assert end_at >= 1.4
+
+
+def test_multiple_set_cookie_stay_separate(exposed):
+    r = get(exposed, "/cookies")
+    assert r.status_code == 200
+    assert r.raw._original_response.msg.get_all("Set-Cookie") == ["a=1; Path=/", "b=2; HttpOnly"]
+    assert r.cookies.get("a") == "1" and r.cookies.get("b") == "2"
+
+
+def test_redirect_is_passed_through_not_followed(exposed):
+    r = get(exposed, "/redirect", allow_redirects=False)
+    assert r.status_code == 302
+    assert r.headers["Location"] == "/hello"
+    assert r.text == "moved"
+
+
+def test_host_passed_as_received_and_forwarded_headers_set(exposed):
+    r = get(exposed, "/echo?a=1", headers={"Connection": "keep-alive, X-Hop", "X-Hop": "1", "X-Kept": "yes"})
+    body = r.json()
+    headers = {k.lower(): v for k, v in body["headers"]}
+    assert body["path"] == "/echo?a=1"
+    assert headers["host"] == "app.test"
+    assert headers["x-forwarded-host"] == "app.test"
+    assert headers["x-forwarded-proto"] == "https"
+    assert headers["x-forwarded-for"].split(",")[-1].strip() == "127.0.0.1"
+    assert headers["x-kept"] == "yes"
+    assert "x-hop" not in headers
+
+
+def test_rewrite_host_sends_the_local_address(local, expose, server):
+    expose(local, extra=["--rewrite-host"])
+    headers = {k.lower(): v for k, v in get(server, "/echo").json()["headers"]}
+    assert headers["host"] == f"127.0.0.1:{local}"
+    assert headers["x-forwarded-host"] == "app.test"
+
+
+def test_local_service_down_is_502_naming_the_local_address(expose, server):
+    port = free_tcp_port()  # nothing listens there
+    expose(port)
+    r = get(server, "/hello")
+    assert r.status_code == 502
+    assert f"127.0.0.1:{port}" in r.text
+    assert "refused" in r.text
+
+
+def test_local_timeout_is_504(local, expose, server):
+    expose(local, extra=["--local-timeout", "1s"])
+    start = time.monotonic()
+    r = get(server, "/slow?s=3")
+    assert r.status_code == 504
+    assert "timed out" in r.text
+    assert time.monotonic() - start < 2.8
+    assert get(server, "/slow?s=0.1").text == "slept 0.1"  # still serving
+
+
+@pytest.mark.parametrize("form", ["port", "host:port", "url"])
+def test_addr_forms(local, expose, server, form):
+    addr = {"port": f"{local}", "host:port": f"127.0.0.1:{local}", "url": f"http://127.0.0.1:{local}"}[form]
+    p = expose(addr)
+    assert p.wait_for(READY).group(1) == f"http://127.0.0.1:{local}"
+    assert get(server, "/hello").text == "Hello, local!"
+
+
+def test_url_with_prefix_maps_paths_under_it(local, expose, server):
+    p = expose(f"http://127.0.0.1:{local}/prefix/")
+    assert p.wait_for(READY).group(1) == f"http://127.0.0.1:{local}/prefix"
+    r = get(server, "/x?q=1")
+    assert (r.status_code, r.text) == (200, "prefixed /prefix/x?q=1")
+    assert get(server, "/").text == "prefixed /prefix/"
+
+
+# -- connection life ---------------------------------------------------------------------------
+def poll(fn, deadline: float, interval=0.1):
+    """Call ``fn`` until it returns a truthy value or ``deadline`` (monotonic) passes."""
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except requests.RequestException as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"not true before the deadline; last: {last!r}")
+
+
+def restart_and_measure(local, certs, groups_file, procs, extra):
+    """Expose through reverstd, SIGKILL it, start a new one on the same ports; returns the
+    expose process, the new server and the request that succeeded through it (or the
+    AssertionError if none did within 5 s of the new server being ready)."""
+    first = FixedServer(certs, groups_file)
+    procs.append(first)
+    p = Expose(first, certs, local, extra=extra)
+    procs.append(p)
+    assert get(first, "/hello").status_code == 200
+
+    first.stop(signal.SIGKILL)
+    second = FixedServer(certs, groups_file, tunnel=first.tunnel_address, http=f"127.0.0.1:{first.http_port}")
+    procs.append(second)
+    assert (second.tunnel_address, second.http_port) == (first.tunnel_address, first.http_port)
+    ready_at = time.monotonic()
+
+    def served():
+        with get(second, "/hello", timeout=2) as r:
+            return r if r.status_code == 200 else None
+    return p, second, poll(served, ready_at + 5)
+
+
+def test_reconnects_to_a_restarted_reverstd_on_the_same_ports(local, certs, groups_file, procs):
+    # Nothing tells an idle client that its server died: it finds out from the QUIC idle
+    # timeout (or an unanswered keep-alive PING), so the test shortens both.
+    p, second, r = restart_and_measure(local, certs, groups_file, procs,
+                                       ["--keep-alive-period", "500ms", "--max-idle-timeout", "2s"])
+    assert r.text == "Hello, local!"
+    assert p.popen.poll() is None  # the same process, never restarted
+    assert len(re.findall(READY, p.output())) == 1  # announced once, not on every reconnect
+    p.wait_for(r"connection lost \(.+\); reconnecting in \d+\.\ds")
+    second.wait_for(r"registered in group 'app.test'")
+
+
+def test_reconnects_within_5s_with_default_timeouts(local, certs, groups_file, procs):
+    p, second, r = restart_and_measure(local, certs, groups_file, procs, [])
+    assert r.text == "Hello, local!"
+
+
+def test_wrong_password_exits_2_with_a_one_line_reason(local, expose):
+    p = expose(local, password="wrong", wait=False)
+    assert wait_exit(p, 15) == 2
+    p.stop()
+    reason = [line for line in p.lines if line.startswith("reverst:")]
+    assert len(reason) == 1, p.output()
+    assert "unauthorized" in reason[0].lower()
+    assert "is reachable" not in p.output()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_when_idle_closes_the_tunnel_with_code_0_and_exits_0(local, expose, server, sig):
+    p = expose(local)
+    assert get(server, "/hello").status_code == 200
+    p.popen.send_signal(sig)
+    assert wait_exit(p, 10) == 0
+    server.wait_for(r"left group 'app.test': client closing \(application error 0x0\)", timeout=5)
+    assert get(server, "/hello").status_code == 502
+
+
+def test_unknown_group_keeps_retrying_and_says_so(local, expose):
+    p = expose(local, group="nosuch.test", wait=False)
+    deadline = time.monotonic() + 10
+    unknown = re.compile(r"tunnel group 'nosuch.test' is unknown to .*; retrying in \d+\.\ds")
+    while len([line for line in p.lines if unknown.search(line)]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len([line for line in p.lines if unknown.search(line)]) >= 3, p.output()
+    assert p.popen.poll() is None
+    assert "is reachable" not in p.output()
+
+
+def test_graceful_stop_finishes_in_flight_and_refuses_new(local, expose, server):
+    p = expose(local, extra=["--grace-period", "10s"])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(get, server, "/slow?s=2", timeout=5)
+        time.sleep(0.5)  # the slow request is in the local service now
+        start = time.monotonic()
+        p.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late = get(server, "/hello", timeout=3)
+        late_at = time.monotonic() - start
+        r = slow.result(timeout=10)
+    assert (r.status_code, r.text) == (200, "slept 2")
+    assert late.status_code == 502
+    assert late_at < 1.5, f"the refused request took {late_at:.1f}s"
+    assert wait_exit(p, 10) == 0
+    assert time.monotonic() - start < 10
+    server.wait_for(r"left group 'app.test': client closing \(application error 0x0\)", timeout=5)
+
+
+def test_four_connections_register_and_share_the_requests(local, expose, server):
+    p = expose(local, extra=["--connections", "4"])
+    deadline = time.monotonic() + 10
+    peers: set[str] = set()
+    while len(peers) < 4 and time.monotonic() < deadline:
+        peers = set(re.findall(r"tunnel (\S+) registered in group 'app.test'", server.output()))
+        time.sleep(0.1)
+    assert len(peers) == 4, server.output()
+    assert len({peer.rsplit(":", 1)[1] for peer in peers}) == 4
+
+    for _ in range(20):
+        assert get(server, "/echo").status_code == 200
+    # Each request is a server-initiated bidirectional stream (id % 4 == 1) "created by
+    # peer" on one of the client's QUIC connections; aioquic logs it with the connection id.
+    time.sleep(0.3)
+    per_conn = collections.Counter(
+        cid for cid, sid in re.findall(r"quic: \[([0-9a-f]+)\] Stream (\d+) created by peer", p.output())
+        if int(sid) % 4 == 1)
+    assert sum(per_conn.values()) == 20, per_conn
+    assert len(per_conn) == 4, per_conn
+    assert sorted(per_conn.values()) == [5, 5, 5, 5]  # round-robin
+
