@@ -63,7 +63,7 @@ _log_choice = click.Choice(sorted(LOG_LEVELS), case_sensitive=False)
 @_opt("-g", "--tunnel-groups", env="TUNNEL_GROUPS", default="groups.yml", show_default=True,
       help="Tunnel groups: a path, file:///path or k8s://configmap/<ns>/<name>/<key>.")
 @_opt("-w", "--watch-groups", env="WATCH_GROUPS", is_flag=True, default=False,
-      help="Watch the groups source for changes.")
+      help="Follow the groups source and its token files/secrets: changes apply while running.")
 @_opt("--management-address", env="MANAGEMENT_ADDRESS", default=None, callback=_address,
       help="HTTP address for /metrics and /healthz (off by default).")
 @_opt("--max-idle-timeout", env="MAX_IDLE_TIMEOUT", default="1m", show_default=True, callback=_duration,
@@ -74,14 +74,16 @@ def reverstd(log, tunnel_address, http_address, server_name, private_key_path, c
              tunnel_groups, watch_groups, management_address, max_idle_timeout, keep_alive_period):
     """Run the reverst tunnel server."""
     _setup_logging(log)
-    from .config import load_groups
     from .server import TunnelServer
+    from .sources import GroupsWatcher
+    watcher = None
     try:
-        groups = load_groups(tunnel_groups)
+        watcher = GroupsWatcher(tunnel_groups)
+        groups = watcher.load()
     except ConfigError as exc:
+        if watcher is not None:
+            watcher.stop()
         raise click.ClickException(str(exc)) from None
-    if watch_groups:
-        logging.getLogger("reverst").warning("--watch-groups is not implemented yet; groups are read once")
     server = TunnelServer(
         groups, certificate_path=certificate_path, private_key_path=private_key_path,
         server_name=server_name, tunnel_address=tunnel_address, http_address=http_address,
@@ -90,9 +92,15 @@ def reverstd(log, tunnel_address, http_address, server_name, private_key_path, c
     try:
         server.start()
     except OSError as exc:
+        watcher.stop()
         raise click.ClickException(f"cannot listen: {exc}") from None
+    if watch_groups:
+        watcher.start(server.groups_updater())
     _stop_on_signals(server.stop)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        watcher.stop()
 
 
 def _stop_on_signals(stop) -> None:

@@ -3,6 +3,10 @@
 Every error is a one-line :class:`~reverst.errors.ConfigError` naming the source and the
 key path, e.g. ``groups.yml: groups."app".authentication.basic.password: required``.
 Secrets never appear in errors or reprs; bearer tokens are kept only as SHA-256 sums.
+
+Reading the groups source and the bearer token files/secrets is the caller's business
+(:mod:`reverst.sources` watches them); this module only validates, and reads local files
+when it is given no ``read_secret`` callback.
 """
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping, Union
+from typing import Any, Callable, ClassVar, Mapping, Union
 from urllib.parse import urlsplit
 
 import yaml
 
+from .durations import parse_duration
 from .errors import ConfigError
 
 BEARER_SOURCES = ("token", "tokenPath", "hashedToken", "hashedTokenPath")
@@ -25,6 +30,49 @@ _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_SECRET_FILE = 64 * 1024
+#: Kubernetes object names (DNS subdomains, RFC 1123) and data keys.
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_K8S_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+DEFAULT_EXTERNAL_TIMEOUT = 5.0
+
+
+class SecretUnavailable(Exception):
+    """Raised by a ``read_secret`` callback; str() is a short, secret-free reason such as
+    ``cannot read /run/token: No such file or directory``."""
+
+
+#: ``read_secret(ref) -> bytes`` where ``ref`` is an absolute path or ``k8s://secret/ns/name/key``.
+ReadSecret = Callable[[str], bytes]
+
+
+def parse_k8s_ref(ref: str, kind: str) -> tuple[str, str, str]:
+    """``k8s://<kind>/<namespace>/<name>/<key>`` -> (namespace, name, key); ValueError otherwise."""
+    prefix = f"k8s://{kind}/"
+    parts = ref[len(prefix):].split("/") if ref.startswith(prefix) else []
+    if len(parts) != 3:
+        raise ValueError(f"must be k8s://{kind}/<namespace>/<name>/<key>")
+    namespace, name, key = parts
+    if not _K8S_NAME.fullmatch(namespace) or len(namespace) > 63 or "." in namespace:
+        raise ValueError(f"invalid Kubernetes namespace {_q(namespace)}")
+    if not _K8S_NAME.fullmatch(name):
+        raise ValueError(f"invalid Kubernetes {kind} name {_q(name)}")
+    if not _K8S_KEY.fullmatch(key):
+        raise ValueError(f"invalid Kubernetes {kind} key {_q(key)}")
+    return namespace, name, key
+
+
+def read_secret_file(path: str) -> bytes:
+    """The default ``read_secret``: a local file, at most 64 KiB."""
+    if path.startswith("k8s://"):
+        raise SecretUnavailable("Kubernetes secrets need a Kubernetes source reader (reverst.sources)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise SecretUnavailable(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_SECRET_FILE:
+        raise SecretUnavailable(f"file {path} is larger than {_MAX_SECRET_FILE} bytes")
+    return data
 
 
 @dataclass(frozen=True, repr=False)
@@ -54,13 +102,18 @@ class ExternalStrategy:
     name: ClassVar[str] = "external"
     endpoint: str
     scheme: str = "Bearer"
+    timeout: float = DEFAULT_EXTERNAL_TIMEOUT  # seconds for the whole GET; then: unauthorized
+
+    @property
+    def safe_endpoint(self) -> str:
+        """The endpoint with any password in it masked, for logs."""
+        parts = urlsplit(self.endpoint)
+        if parts.password is None:
+            return self.endpoint
+        return parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
     def __repr__(self) -> str:
-        parts = urlsplit(self.endpoint)
-        endpoint = self.endpoint
-        if parts.password is not None:
-            endpoint = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
-        return f"ExternalStrategy(endpoint={endpoint!r}, scheme={self.scheme!r})"
+        return f"ExternalStrategy(endpoint={self.safe_endpoint!r}, scheme={self.scheme!r}, timeout={self.timeout!r})"
 
 
 Strategy = Union[BasicStrategy, BearerStrategy, ExternalStrategy]
@@ -102,29 +155,55 @@ class GroupsConfig:
     def group(self, name: str) -> Group | None:
         return self.groups.get(name)
 
+    @property
+    def secret_refs(self) -> tuple[str, ...]:
+        """The token files (absolute paths) and ``k8s://secret/...`` refs this config read."""
+        refs = []
+        for group in self.groups.values():
+            for strategy in group.strategies:
+                if isinstance(strategy, BearerStrategy):
+                    key, sep, ref = strategy.source.partition(":")
+                    if sep and key.endswith("Path"):
+                        refs.append(ref)
+        return tuple(dict.fromkeys(refs))
 
-def load_groups(source: str) -> GroupsConfig:
-    """Read and validate the groups file at ``source`` (a path or ``file:///path``)."""
+
+def load_groups(source: str, *, read_secret: ReadSecret | None = None) -> GroupsConfig:
+    """Read and validate the groups file at ``source`` (a path or ``file:///path``).
+
+    ``k8s://configmap/...`` sources are read by :func:`reverst.sources.load_groups`."""
     if source.startswith("k8s://"):
-        raise ConfigError(f"{source}: Kubernetes sources are not supported yet")
-    path = _local_path(source)
+        raise ConfigError(f"{source}: Kubernetes sources are read by reverst.sources.load_groups")
+    path = local_path(source)
     if path is None:
-        raise ConfigError(f"{source}: unsupported source (use a path or file:///path)")
+        raise ConfigError(f"{source}: unsupported source (use a path, file:///path or "
+                          f"k8s://configmap/<namespace>/<name>/<key>)")
+    return parse_groups(_read_groups_file(source, path), source, read_secret=read_secret)
+
+
+def _read_groups_file(source: str, path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read {path}: {exc.strerror or exc}") from exc
+    return decode_groups_text(source, data)
+
+
+def decode_groups_text(source: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text (byte offset {exc.start})") from exc
-    return parse_groups(text, source)
 
 
-def parse_groups(text: str, source: str, *, base_dir: str | None = None) -> GroupsConfig:
+def parse_groups(text: str, source: str, *, base_dir: str | None = None,
+                 read_secret: ReadSecret | None = None) -> GroupsConfig:
     """Validate groups YAML; relative secret paths resolve against ``base_dir``,
-    by default the directory of ``source`` (the working directory for non-file sources)."""
+    by default the directory of ``source`` (the working directory for non-file sources).
+    Token files and secrets are read with ``read_secret`` (default: local files only)."""
     if base_dir is None:
-        base_dir = os.path.dirname(_local_path(source) or "")
+        base_dir = os.path.dirname(local_path(source) or "")
     try:
         doc = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
@@ -133,7 +212,7 @@ def parse_groups(text: str, source: str, *, base_dir: str | None = None) -> Grou
         raise ConfigError(f"{source}: {where}invalid YAML: {_one_line(exc.problem or exc.context)}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {_one_line(str(exc).splitlines()[0])}") from exc
-    return _Parser(source, base_dir).groups_config(doc)
+    return _Parser(source, base_dir, read_secret or read_secret_file).groups_config(doc)
 
 
 def _q(value: Any) -> str:
@@ -145,7 +224,8 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def _local_path(source: str) -> str | None:
+def local_path(source: str) -> str | None:
+    """The file path of a path or ``file://`` source; None for other URL schemes."""
     if source.startswith("file://"):
         return source[len("file://"):]
     return None if _URL_SCHEME.match(source) else source
@@ -172,9 +252,10 @@ class _Loader(yaml.SafeLoader):
 
 
 class _Parser:
-    def __init__(self, source: str, base_dir: str) -> None:
+    def __init__(self, source: str, base_dir: str, read_secret: ReadSecret) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.read_secret_cb = read_secret
 
     def error(self, path: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {path}: {message}")
@@ -275,16 +356,17 @@ class _Parser:
             return BearerStrategy(self.hex_sha256(value, f"{path}.{key}", "must be"), scheme, key)
         file = self.secret_path(value, f"{path}.{key}")
         data = self.read_secret(file, f"{path}.{key}")
+        what = f"secret {file}" if file.startswith("k8s://") else f"file {file}"
         if key == "tokenPath":
             if not data.rstrip():
-                raise self.error(f"{path}.{key}", f"file {file} is empty")
+                raise self.error(f"{path}.{key}", f"{what} is empty")
             return BearerStrategy(hashlib.sha256(data.rstrip()).digest(), scheme, f"{key}:{file}")
         text = data.decode("ascii", "replace")
-        return BearerStrategy(self.hex_sha256(text, f"{path}.{key}", f"file {file} must hold"), scheme,
+        return BearerStrategy(self.hex_sha256(text, f"{path}.{key}", f"{what} must hold"), scheme,
                               f"{key}:{file}")
 
     def external(self, raw: Any, path: str) -> ExternalStrategy:
-        raw = self.mapping(raw, path, ("endpoint", "scheme"))
+        raw = self.mapping(raw, path, ("endpoint", "scheme", "timeout"))
         endpoint = self.string(raw, "endpoint", path)
         try:
             parts = urlsplit(endpoint)
@@ -294,7 +376,15 @@ class _Parser:
             valid = False
         if not valid:
             raise self.error(f"{path}.endpoint", "must be an http:// or https:// URL")
-        return ExternalStrategy(endpoint, self.scheme(raw, path, "Bearer"))
+        timeout = DEFAULT_EXTERNAL_TIMEOUT
+        if raw.get("timeout") is not None:
+            try:
+                timeout = parse_duration(raw["timeout"])
+            except (TypeError, ValueError):
+                timeout = -1.0
+            if not 0 < timeout <= 10:  # a registration has 10 s in all
+                raise self.error(f"{path}.timeout", "must be a duration up to 10s, such as 5s")
+        return ExternalStrategy(endpoint, self.scheme(raw, path, "Bearer"), timeout)
 
     def hex_sha256(self, text: str, path: str, what: str) -> bytes:
         text = text.strip()
@@ -304,17 +394,23 @@ class _Parser:
 
     def secret_path(self, value: str, path: str) -> str:
         if value.startswith("k8s://"):
-            raise self.error(path, "Kubernetes secrets are not supported yet")
+            try:
+                parse_k8s_ref(value, "secret")
+            except ValueError as exc:
+                raise self.error(path, str(exc)) from None
+            return value
+        if _URL_SCHEME.match(value) and not value.startswith("file://"):
+            raise self.error(path, "must be a path, file:///path or k8s://secret/<namespace>/<name>/<key>")
         if value.startswith("file://"):
             value = value[len("file://"):]
         return os.path.abspath(os.path.join(self.base_dir, value))
 
-    def read_secret(self, file: str, path: str) -> bytes:
+    def read_secret(self, ref: str, path: str) -> bytes:
         try:
-            with open(file, "rb") as f:
-                data = f.read(_MAX_SECRET_FILE + 1)
-        except OSError as exc:
-            raise self.error(path, f"cannot read {file}: {exc.strerror or exc}") from exc
+            data = self.read_secret_cb(ref)
+        except SecretUnavailable as exc:
+            raise self.error(path, _one_line(exc)) from None
         if len(data) > _MAX_SECRET_FILE:
-            raise self.error(path, f"file {file} is larger than {_MAX_SECRET_FILE} bytes")
+            what = "secret" if ref.startswith("k8s://") else "file"
+            raise self.error(path, f"{what} {ref} is larger than {_MAX_SECRET_FILE} bytes")
         return data

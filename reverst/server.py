@@ -272,7 +272,7 @@ class TunnelServer:
                 group = self.groups.group(group_name)
                 if group is None:
                     raise NotFound(f"tunnel group {group_name!r} not found")
-                strategy = auth.authenticate(group, request.metadata)
+                strategy = auth.authenticate(group, request.metadata, external_check=self._external_check)
                 stream.write(protocol.encode_response(), end=True)
                 stream.finish(stop_reading=False)  # the client FINs when it likes
         except ConnectionClosed as exc:
@@ -434,6 +434,62 @@ class TunnelServer:
             return [("\n".join(lines) + "\n").encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
+
+    # -- live groups and external authorization (PROTOCOL §5) ----------------------------------
+    def groups_updater(self):
+        """A function that any native thread may call with a new :class:`GroupsConfig` (the
+        groups watcher of :mod:`reverst.sources` does); the config is applied in this
+        server's hub by :meth:`reload_groups`. Call it in the thread that runs the server."""
+        loop = gevent.get_hub().loop
+
+        def update(groups: GroupsConfig) -> None:
+            loop.run_callback_threadsafe(gevent.spawn, self.reload_groups, groups)
+        return update
+
+    def reload_groups(self, groups: GroupsConfig) -> None:
+        """:meth:`update_groups`, warning about every open group on every reload (it warns
+        only about the groups that became open)."""
+        old = self.groups
+        self.update_groups(groups)
+        for group in groups.groups.values():
+            before = old.groups.get(group.name)
+            if group.is_open and before is not None and before.is_open:
+                logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
+
+    def _external_check(self, strategy, authorization: str) -> bool:
+        """``GET <endpoint>`` with ``Authorization``: 200 allows. Runs in a native thread
+        (only this registration waits), at most ``strategy.timeout`` seconds."""
+        import gevent.threadpool
+        pool = self.__dict__.get("_external_pool")
+        if pool is None:
+            pool = self._external_pool = gevent.threadpool.ThreadPool(32)
+        result = pool.spawn(self._external_get, strategy.endpoint, authorization, strategy.timeout)
+        result.wait(strategy.timeout)
+        if not result.ready():
+            logger.warning("external authorization at %s: no answer within %gs", strategy.safe_endpoint,
+                           strategy.timeout)
+            return False
+        status, error = result.get()
+        if error is not None:
+            logger.warning("external authorization at %s failed: %s", strategy.safe_endpoint, error)
+            return False
+        log = logger.debug if status == 200 else logger.info
+        log("external authorization at %s answered %d", strategy.safe_endpoint, status)
+        return status == 200
+
+    @staticmethod
+    def _external_get(endpoint: str, authorization: str, timeout: float) -> tuple[int | None, str | None]:
+        """(status, None), or (None, the error's class name). Never raises: the hub would
+        print the traceback, and a requests error can quote the endpoint's password."""
+        import requests
+        try:
+            with requests.Session() as session:
+                # auth=...: no .netrc credentials may replace our Authorization header.
+                with session.get(endpoint, headers={"Authorization": authorization}, timeout=(timeout, timeout),
+                                 allow_redirects=False, stream=True, auth=lambda request: request) as response:
+                    return response.status_code, None
+        except Exception as exc:
+            return None, type(exc).__name__
 
 
 _CANONICAL_EXCEPTIONS = {"etag": "ETag", "www-authenticate": "WWW-Authenticate"}

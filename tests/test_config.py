@@ -5,7 +5,8 @@ import textwrap
 import pytest
 
 from reverst.config import (
-    BasicStrategy, BearerStrategy, ExternalStrategy, Group, GroupsConfig, load_groups, parse_groups,
+    BasicStrategy, BearerStrategy, ExternalStrategy, Group, GroupsConfig, SecretUnavailable, load_groups,
+    parse_groups, parse_k8s_ref,
 )
 from reverst.errors import ConfigError, ReverstError
 
@@ -201,8 +202,9 @@ def test_load_directory(tmp_path):
         load_groups(f"file://{tmp_path}")
 
 
-def test_load_kubernetes_not_supported_yet():
-    with pytest.raises(ConfigError, match=r"^k8s://configmap/ns/name/key: Kubernetes sources are not supported yet$"):
+def test_load_kubernetes_source_is_for_reverst_sources():
+    with pytest.raises(ConfigError, match=r"^k8s://configmap/ns/name/key: Kubernetes sources are read by "
+                                          r"reverst.sources.load_groups$"):
         load_groups("k8s://configmap/ns/name/key")
 
 
@@ -268,9 +270,23 @@ def test_load_unknown_scheme():
     (f"groups: {{app: {{authentication: {{bearer: {{hashedToken: '{TOKEN_HEX}00'}}}}}}}}\n",
      'groups.yml: groups."app".authentication.bearer.hashedToken: must be 64 hex digits (a SHA-256 sum)'),
     ("groups: {app: {authentication: {bearer: {tokenPath: k8s://secret/ns/name/key}}}}\n",
-     'groups.yml: groups."app".authentication.bearer.tokenPath: Kubernetes secrets are not supported yet'),
-    ("groups: {app: {authentication: {bearer: {hashedTokenPath: k8s://secret/ns/name/key}}}}\n",
-     'groups.yml: groups."app".authentication.bearer.hashedTokenPath: Kubernetes secrets are not supported yet'),
+     'groups.yml: groups."app".authentication.bearer.tokenPath: '
+     'Kubernetes secrets need a Kubernetes source reader (reverst.sources)'),
+    ("groups: {app: {authentication: {bearer: {hashedTokenPath: k8s://secret/ns/name}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.hashedTokenPath: must be k8s://secret/<namespace>/<name>/<key>'),
+    ("groups: {app: {authentication: {bearer: {tokenPath: k8s://configmap/ns/name/key}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.tokenPath: must be k8s://secret/<namespace>/<name>/<key>'),
+    ("groups: {app: {authentication: {bearer: {tokenPath: k8s://secret/ns/name/key/more}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.tokenPath: must be k8s://secret/<namespace>/<name>/<key>'),
+    ("groups: {app: {authentication: {bearer: {tokenPath: k8s://secret/Team_A/name/key}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.tokenPath: invalid Kubernetes namespace "Team_A"'),
+    ("groups: {app: {authentication: {bearer: {tokenPath: k8s://secret/ns/-name/key}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.tokenPath: invalid Kubernetes secret name "-name"'),
+    ("groups: {app: {authentication: {bearer: {tokenPath: 'k8s://secret/ns/name/a:b'}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.tokenPath: invalid Kubernetes secret key "a:b"'),
+    ("groups: {app: {authentication: {bearer: {tokenPath: 'https://vault/token'}}}}\n",
+     'groups.yml: groups."app".authentication.bearer.tokenPath: must be a path, file:///path or '
+     'k8s://secret/<namespace>/<name>/<key>'),
     # external
     ("groups: {app: {authentication: {external: {}}}}\n",
      'groups.yml: groups."app".authentication.external.endpoint: required'),
@@ -282,6 +298,14 @@ def test_load_unknown_scheme():
      'groups.yml: groups."app".authentication.external.endpoint: must be an http:// or https:// URL'),
     ("groups: {app: {authentication: {external: {endpoint: 'http://a/', method: GET}}}}\n",
      'groups.yml: groups."app".authentication.external.method: unknown key'),
+    ("groups: {app: {authentication: {external: {endpoint: 'http://a/', timeout: true}}}}\n",
+     'groups.yml: groups."app".authentication.external.timeout: must be a duration up to 10s, such as 5s'),
+    ("groups: {app: {authentication: {external: {endpoint: 'http://a/', timeout: 5x}}}}\n",
+     'groups.yml: groups."app".authentication.external.timeout: must be a duration up to 10s, such as 5s'),
+    ("groups: {app: {authentication: {external: {endpoint: 'http://a/', timeout: 11s}}}}\n",
+     'groups.yml: groups."app".authentication.external.timeout: must be a duration up to 10s, such as 5s'),
+    ("groups: {app: {authentication: {external: {endpoint: 'http://a/', timeout: 0s}}}}\n",
+     'groups.yml: groups."app".authentication.external.timeout: must be a duration up to 10s, such as 5s'),
     # conflicts
     ("groups: {app: {authentication: {basic: {username: u, password: s3cret-pass, scheme: Token},"
      " bearer: {token: s3cret-token, scheme: token}}}}\n",
@@ -360,3 +384,87 @@ def test_unsafe_yaml_tags_rejected():
 def test_groups_config_constructor_checks_host_conflicts():
     with pytest.raises(ConfigError, match=r'^src: groups."b".hosts: host "h" is already in group "a"$'):
         GroupsConfig("src", {"a": Group("a", ("h",)), "b": Group("b", ("h",))})
+
+
+# --- external timeout, secret readers, Kubernetes references ------------------------
+
+
+def test_external_timeout():
+    config = parse("""
+        groups:
+          a: {authentication: {external: {endpoint: "http://auth/x"}}}
+          b: {authentication: {external: {endpoint: "http://auth/x", timeout: 1500ms}}}
+          c: {authentication: {external: {endpoint: "http://auth/x", timeout: 10s}}}
+          d: {authentication: {external: {endpoint: "http://auth/x", timeout: 2}}}
+    """)
+    assert [config.group(n).strategies[0].timeout for n in "abcd"] == [5.0, 1.5, 10.0, 2.0]
+
+
+def test_external_repr_masks_a_password_in_the_endpoint():
+    strategy = ExternalStrategy("https://svc:s3cret-pass@auth.example/check", "Bearer", 2.0)
+    assert repr(strategy) == ("ExternalStrategy(endpoint='https://svc:***@auth.example/check', "
+                              "scheme='Bearer', timeout=2.0)")
+    assert strategy.safe_endpoint == "https://svc:***@auth.example/check"
+
+
+def test_secrets_come_from_the_reader():
+    store = {"k8s://secret/ns/tokens/plain": b"s3cret-token\n", "k8s://secret/ns/tokens/hashed": TOKEN_HEX.encode()}
+    asked = []
+
+    def read_secret(ref):
+        asked.append(ref)
+        return store[ref]
+
+    config = parse("""
+        groups:
+          a: {authentication: {bearer: {tokenPath: "k8s://secret/ns/tokens/plain"}}}
+          b: {authentication: {bearer: {hashedTokenPath: "k8s://secret/ns/tokens/hashed"}}}
+    """, read_secret=read_secret)
+    assert bearer_of(config, "a").token_sha256 == TOKEN_SHA == bearer_of(config, "b").token_sha256
+    assert bearer_of(config, "a").source == "tokenPath:k8s://secret/ns/tokens/plain"
+    assert asked == list(store)
+    assert config.secret_refs == tuple(store)
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b"\n", "bearer.tokenPath: secret k8s://secret/ns/s/k is empty"),
+    (b"x" * 70000, "bearer.tokenPath: secret k8s://secret/ns/s/k is larger than 65536 bytes"),
+    (SecretUnavailable("key 'k' not found in Secret ns/s"), "bearer.tokenPath: key 'k' not found in Secret ns/s"),
+])
+def test_secret_reader_errors(data, expected):
+    def read_secret(ref):
+        if isinstance(data, Exception):
+            raise data
+        return data
+
+    message = fails("groups: {app: {authentication: {bearer: {tokenPath: 'k8s://secret/ns/s/k'}}}}\n",
+                    read_secret=read_secret)
+    assert message == f'groups.yml: groups."app".authentication.{expected}'
+
+
+def test_secret_refs_lists_files_and_secrets_once(tmp_path):
+    (tmp_path / "token").write_text("t")
+    config = parse_groups(
+        "groups:\n"
+        "  a: {authentication: {bearer: {tokenPath: token}}}\n"
+        "  b: {authentication: {bearer: {tokenPath: token, scheme: X}, basic: {username: u, password: p}}}\n"
+        "  c: {authentication: {bearer: {token: t}}}\n",
+        str(tmp_path / "groups.yml"))
+    assert config.secret_refs == (str(tmp_path / "token"),)
+
+
+@pytest.mark.parametrize("ref,expected", [
+    ("k8s://configmap/ns/name/key", ("ns", "name", "key")),
+    ("k8s://configmap/kube-system/reverst.groups/groups.yml", ("kube-system", "reverst.groups", "groups.yml")),
+    ("k8s://configmap/ns/name/Key_1-.x", ("ns", "name", "Key_1-.x")),
+])
+def test_parse_k8s_ref(ref, expected):
+    assert parse_k8s_ref(ref, "configmap") == expected
+
+
+@pytest.mark.parametrize("ref", ["k8s://configmap/ns/name", "k8s://configmap/ns/name/key/x", "k8s://secret/ns/n/k",
+                                 "k8s://configmap//name/key", "k8s://configmap/ns.x/name/key",
+                                 "k8s://configmap/" + "n" * 64 + "/name/key", "k8s://configmap/ns/Name/key"])
+def test_parse_k8s_ref_rejects(ref):
+    with pytest.raises(ValueError):
+        parse_k8s_ref(ref, "configmap")
