@@ -213,7 +213,6 @@ def _run_client(app, description: str, opts: dict, threads: int) -> None:
     """
     if threads == 0:
         _cooperative()
-    import gevent
     from .client import Client
     group = opts["tunnel_group"] or opts["server_name"]
     announced = []

@@ -10,8 +10,6 @@ import hashlib
 import http
 import logging
 import socket
-import ssl
-import time
 from typing import Iterable
 
 import gevent

@@ -1,6 +1,5 @@
 """WSGI/Flask applications served through the tunnel by the end-to-end tests."""
 import hashlib
-import json
 import os
 import random
 import time

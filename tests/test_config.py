@@ -36,7 +36,7 @@ def fails(text, source="groups.yml", **kwargs) -> str:
 
 
 def test_full_example():
-    config = parse(f"""
+    config = parse("""
         groups:
           "app":
             hosts: ["app.dev", "www.app.dev"]

@@ -7,7 +7,6 @@ import time
 import pytest
 import requests
 
-from .conftest import TunnelClient
 
 H = {"Host": "app.test"}
 
