@@ -97,28 +97,32 @@ class MessageDecoder:
     """Incrementally decodes one msgpack object from untrusted stream bytes.
 
     ``feed()`` returns the decoded object once complete, else ``None``; it raises
-    :class:`ProtocolViolation` for malformed or oversized input.
+    :class:`ProtocolViolation` for malformed or oversized input.  (Not a
+    ``msgpack.Unpacker``: that preallocates ~100 KiB, per registration in flight.)
     """
 
     def __init__(self, max_size: int = MAX_REGISTRATION_SIZE) -> None:
-        self._unpacker = msgpack.Unpacker(
-            raw=False, strict_map_key=False, max_buffer_size=max_size,
-            max_str_len=max_size, max_bin_len=max_size, max_array_len=1024, max_map_len=1024,
-        )
-        self._received = 0
+        self._buf = bytearray()
         self._max_size = max_size
+        self._limits = dict(max_str_len=max_size, max_bin_len=max_size, max_array_len=1024,
+                            max_map_len=1024, max_ext_len=max_size)
 
     def feed(self, data: bytes) -> Any | None:
-        self._received += len(data)
-        if self._received > self._max_size:
+        self._buf += data
+        if len(self._buf) > self._max_size:
             raise ProtocolViolation(f"registration message larger than {self._max_size} bytes")
-        try:
-            self._unpacker.feed(data)
-            return next(self._unpacker)
-        except StopIteration:
+        if not self._buf:
             return None
+        try:
+            return msgpack.unpackb(self._buf, raw=False, strict_map_key=False, **self._limits)
+        except msgpack.ExtraData as exc:  # Go reads one object and ignores what follows
+            return exc.unpacked
+        except ValueError as exc:
+            if str(exc) == "Unpack failed: incomplete input":
+                return None
+            raise ProtocolViolation(f"malformed msgpack: {exc or type(exc).__name__}") from exc
         except Exception as exc:  # msgpack raises several unrelated types
-            raise ProtocolViolation(f"malformed msgpack: {exc}") from exc
+            raise ProtocolViolation(f"malformed msgpack: {exc or type(exc).__name__}") from exc
 
 
 _REQUEST_FIELDS = ("Version", "TunnelGroup", "Metadata")

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 
 from aioquic import tls
+from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.connection import END_STATES, QuicConnection
 
@@ -143,6 +144,13 @@ class TunnelQuicConnection(QuicConnection):
             return self._close_event or events.ConnectionTerminated(
                 error_code=AppErrorCode.OK, frame_type=None, reason_phrase="closed")
         return None
+
+    def _discard_epoch(self, epoch: tls.Epoch) -> None:
+        super()._discard_epoch(epoch)
+        if epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+            # aioquic keeps an 8 KiB handshake buffer per epoch for the connection's life:
+            # 16 KiB per idle tunnel, for nothing once the epoch is gone.
+            self._crypto_buffers[epoch] = Buffer(capacity=16)
 
     def _replenish_connection_ids(self) -> None:
         before = len(self._host_cids)
