@@ -18,9 +18,11 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARN
               "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=LOG_LEVELS[level.lower()], stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .logs import formatter
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt.lower()))
+    logging.basicConfig(level=LOG_LEVELS[level.lower()], handlers=[handler])
     if level.lower() != "debug":
         logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic logs every stream reset at info
 
@@ -47,10 +49,15 @@ def _opt(*decls, env: str, **kwargs):
 
 
 _log_choice = click.Choice(sorted(LOG_LEVELS), case_sensitive=False)
+_log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @_opt("-l", "--log", env="LOG", default="info", show_default=True, type=_log_choice, help="Log level.")
+@_opt("--log-format", env="LOG_FORMAT", default="text", show_default=True, type=_log_format_choice,
+      help="text, or json: one object a line for log shippers.")
+@_opt("--access-log/--no-access-log", env="ACCESS_LOG", default=True, show_default=True,
+      help="One info line per public request (logger reverst.access).")
 @_opt("-a", "--tunnel-address", env="TUNNEL_ADDRESS", default="127.0.0.1:7171", show_default=True,
       callback=_address, help="UDP address for QUIC tunnel connections.")
 @_opt("-s", "--http-address", env="HTTP_ADDRESS", default="0.0.0.0:8181", show_default=True,
@@ -65,15 +72,19 @@ _log_choice = click.Choice(sorted(LOG_LEVELS), case_sensitive=False)
 @_opt("-w", "--watch-groups", env="WATCH_GROUPS", is_flag=True, default=False,
       help="Follow the groups source and its token files/secrets: changes apply while running.")
 @_opt("--management-address", env="MANAGEMENT_ADDRESS", default=None, callback=_address,
-      help="HTTP address for /metrics and /healthz (off by default).")
+      help="HTTP address for /metrics, /healthz, /readyz, /status and a status page "
+           "(off by default; never expose it publicly).")
 @_opt("--max-idle-timeout", env="MAX_IDLE_TIMEOUT", default="1m", show_default=True, callback=_duration,
       help="QUIC idle timeout (Go duration).")
 @_opt("--keep-alive-period", env="KEEP_ALIVE_PERIOD", default="30s", show_default=True,
       callback=_duration, help="QUIC keep-alive period (Go duration).")
-def reverstd(log, tunnel_address, http_address, server_name, private_key_path, certificate_path,
-             tunnel_groups, watch_groups, management_address, max_idle_timeout, keep_alive_period):
+def reverstd(log, log_format, access_log, tunnel_address, http_address, server_name, private_key_path,
+             certificate_path, tunnel_groups, watch_groups, management_address, max_idle_timeout,
+             keep_alive_period):
     """Run the reverst tunnel server."""
-    _setup_logging(log)
+    _setup_logging(log, log_format)
+    import prometheus_client
+    prometheus_client.disable_created_metrics()  # no *_created series: the Go server has none
     from .server import TunnelServer
     from .sources import GroupsWatcher
     watcher = None
@@ -88,7 +99,8 @@ def reverstd(log, tunnel_address, http_address, server_name, private_key_path, c
         groups, certificate_path=certificate_path, private_key_path=private_key_path,
         server_name=server_name, tunnel_address=tunnel_address, http_address=http_address,
         management_address=management_address, max_idle_timeout=max_idle_timeout,
-        keep_alive_period=keep_alive_period)
+        keep_alive_period=keep_alive_period, access_log=access_log)
+    watcher.on_error = lambda exc: server.metrics.reloaded(ok=False)
     try:
         server.start()
     except OSError as exc:
@@ -150,6 +162,8 @@ def _client_options(fn):
              help="YAML file of flag values (keys are long flag names; the default file "
                   "may be absent)  [default: config.yml]"),
         _opt("-l", "--log", env="LOG", default="info", show_default=True, type=_log_choice),
+        _opt("--log-format", env="LOG_FORMAT", default="text", show_default=True, type=_log_format_choice,
+             help="text, or json: one object a line."),
         _opt("-a", "--tunnel-address", env="TUNNEL_ADDRESS", default="127.0.0.1:7171", show_default=True,
              help="reverstd's QUIC address."),
         _opt("-n", "--server-name", env="SERVER_NAME", required=True, help="TLS server name."),
@@ -251,7 +265,7 @@ def _run_client(app, description: str, opts: dict, threads: int) -> None:
 @click.argument("addr")
 def expose_command(addr, rewrite_host, local_timeout, local_insecure, **opts):
     """Publish the local HTTP service ADDR (8080, host:port or http(s)://host:port/prefix)."""
-    _setup_logging(opts["log"])
+    _setup_logging(opts["log"], opts["log_format"])
     from .proxy import LocalProxy
     try:
         proxy = LocalProxy(addr, rewrite_host=rewrite_host, timeout=local_timeout, verify=not local_insecure)
@@ -272,7 +286,7 @@ def wsgi_command(app, threads, **opts):
     """Serve the WSGI application APP (module:attribute) through the tunnel."""
     if threads == 0:
         _cooperative()  # before the app imports anything that binds to sockets
-    _setup_logging(opts["log"])
+    _setup_logging(opts["log"], opts["log_format"])
     sys.path.insert(0, ".")
     _run_client(_load_app(app), app, opts, threads)
 

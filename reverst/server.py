@@ -22,8 +22,9 @@ from aioquic.quic.configuration import QuicConfiguration
 from . import auth, protocol
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
-from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, StreamReset
+from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
 from .http3 import H3_REQUEST_CANCELLED, strip_hop_by_hop
+from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -137,13 +138,20 @@ def _status_line(code: int) -> str:
 class TunnelServer:
     """The tunnel server: a QUIC endpoint for tunnels and an HTTP/1.1 front for the public."""
 
-    def __init__(self, groups: GroupsConfig, *, certificate_path: str, private_key_path: str,
+    def __init__(self, groups: GroupsConfig | None, *, certificate_path: str, private_key_path: str,
                  server_name: str, tunnel_address: tuple[str, int] = ("127.0.0.1", 7171),
                  http_address: tuple[str, int] = ("0.0.0.0", 8181),
                  management_address: tuple[str, int] | None = None,
                  max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
                  registration_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
-                 max_datagram_size: int = 1452) -> None:
+                 max_datagram_size: int = 1452, access_log: bool = True) -> None:
+        #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
+        #: answers 503 until :meth:`update_groups` is called)
+        self.groups_loaded = gevent.event.Event()
+        if groups is None:
+            groups = GroupsConfig("", {})
+        else:
+            self.groups_loaded.set()
         self.groups = groups
         self.server_name = server_name
         self.registration_timeout = registration_timeout
@@ -164,6 +172,8 @@ class TunnelServer:
         self._management: gevent.pywsgi.WSGIServer | None = None
         self._stopped = gevent.event.Event()
         self.ready = gevent.event.Event()
+        self.metrics = ServerMetrics(self)
+        self.access_log = access_log
 
     def __repr__(self) -> str:
         return (f"<TunnelServer tunnel={self._tunnel_bind} http={self._http_bind} "
@@ -176,13 +186,16 @@ class TunnelServer:
                                        connection_options=self._conn_options)
         self._endpoint.start()
         self._http = gevent.pywsgi.WSGIServer(
-            self._http_bind, self._proxy, handler_class=_Handler,
-            log=logging.getLogger("reverst.access"), error_log=logging.getLogger("reverst.server.http"))
+            self._http_bind, self.metrics.observe(self._proxy, access_log=self.access_log), handler_class=_Handler,
+            spawn=self.metrics.public_connections, log=None, error_log=logging.getLogger("reverst.server.http"))
         self._http.start()
         if self._management_bind is not None:
-            self._management = gevent.pywsgi.WSGIServer(self._management_bind, self._management_app, log=None)
+            from .management import ManagementApp
+            self._management = gevent.pywsgi.WSGIServer(self._management_bind, ManagementApp(self), log=None,
+                                                         error_log=logging.getLogger("reverst.management"))
             self._management.start()
-        if not self.groups.groups:
+            logger.info("management on tcp %s", _fmt(self.management_address))
+        if self.groups_loaded.is_set() and not self.groups.groups:
             logger.warning("no tunnel groups configured in %s", self.groups.source)
         for group in self.groups.groups.values():
             if group.is_open:
@@ -236,6 +249,9 @@ class TunnelServer:
         registrations; the tunnels of removed groups are closed (code 0x0).
         """
         old, self.groups = self.groups, groups
+        if self.groups_loaded.is_set():
+            self.metrics.reloaded()
+        self.groups_loaded.set()
         for name in set(old.groups) - set(groups.groups):
             tunnels = self._tunnels.pop(name, None)
             for conn in list(tunnels.connections) if tunnels else []:
@@ -249,6 +265,15 @@ class TunnelServer:
         tunnels = self._tunnels.get(group)
         return [c for c in tunnels.connections if c.is_open] if tunnels else []
 
+    def in_flight(self, conn: Connection) -> int:
+        """Public requests being proxied through ``conn`` now."""
+        slots = self._slots.get(conn)
+        return MAX_REQUESTS_PER_CONNECTION - slots.counter if slots is not None else 0
+
+    @property
+    def dropped_datagrams(self) -> int:
+        return self._endpoint.dropped_datagrams if self._endpoint is not None else 0
+
     # -- registration -------------------------------------------------------------------
     def _on_connection(self, conn: Connection) -> None:
         gevent.spawn(self._register, conn)
@@ -256,8 +281,9 @@ class TunnelServer:
     def _register(self, conn: Connection) -> None:
         peer = _fmt(conn.peer)
         group_name = None
+        timed_out = ServerError("registration timed out")  # 0x1: the client may retry
         try:
-            with gevent.Timeout(self.registration_timeout, ProtocolViolation("registration timed out")):
+            with gevent.Timeout(self.registration_timeout, timed_out):
                 conn.handshake_done.wait()
                 conn._raise_if_closed()
                 stream = conn.accept_stream()
@@ -275,20 +301,27 @@ class TunnelServer:
                 stream.finish(stop_reading=False)  # the client FINs when it likes
         except ConnectionClosed as exc:
             logger.debug("%s: closed during registration: %s", peer, exc)
+            self.metrics.registration(group_name, "closed", known_group=group_name in self.groups.groups)
             return
         except (ReverstError, gevent.queue.Empty) as exc:
             code, reason = protocol.close_for_error(exc)
+            self.metrics.registration(group_name, "timeout" if exc is timed_out else reason,
+                                      known_group=group_name in self.groups.groups)
             log = logger.debug if isinstance(exc, NotFound) else logger.info
             log("registration from %s rejected (group %r): %s", peer, group_name, exc)
             conn.close(code, reason)
             return
         except Exception:
             logger.exception("registration from %s failed", peer)
+            self.metrics.registration(group_name, "internal error", known_group=False)
             conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error")
             return
         if self.groups.group(group_name) is None:  # removed by a reload meanwhile
+            self.metrics.registration(group_name, protocol.REASON_NOT_FOUND, known_group=False)
             conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND)
             return
+        self.metrics.registration(group_name, None, known_group=True)
+        self.metrics.tunnel_registered(conn, group_name, peer)
         conn.attach_h3(http_client=True)
         self._slots[conn] = gevent.lock.BoundedSemaphore(MAX_REQUESTS_PER_CONNECTION)
         tunnels = self._tunnels.setdefault(group_name, _Tunnels())
@@ -299,6 +332,7 @@ class TunnelServer:
 
     def _on_tunnel_closed(self, conn: Connection) -> None:
         self._slots.pop(conn, None)
+        self.metrics.tunnel_closed(conn)
         tunnels = self._tunnels.get(getattr(conn, "group", None))
         if tunnels is not None and conn in tunnels.connections:
             tunnels.connections.remove(conn)
@@ -313,17 +347,20 @@ class TunnelServer:
         if route is None:
             route = host.rsplit(":", 1)[0] if host.rsplit(":", 1)[-1].isdigit() else host
             route = route.strip("[]")
+        environ["reverst.route"] = route
         group = self.groups.group_for_host(route)
         if group is None:
             start_response("502 Bad Gateway", [
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("X-Content-Type-Options", "nosniff"), ("Content-Length", "12")])
             return [b"bad gateway\n"]
+        environ["reverst.group"] = group.name
         tunnels = self._tunnels.get(group.name)
         conn = tunnels.pick() if tunnels else None
         if conn is None:
             logger.info("no tunnel connection for group %r (host %r)", group.name, route)
             return self._empty_502(start_response)
+        environ["reverst.tunnel"] = conn
         return self._forward(conn, environ, headers, host, start_response)
 
     @staticmethod
@@ -418,20 +455,6 @@ class TunnelServer:
         except (OSError, ValueError) as exc:  # the public client broke off the upload
             logger.info("request body aborted: %s", exc)
             stream.reset(H3_REQUEST_CANCELLED)
-
-    # -- management ------------------------------------------------------------------------
-    def _management_app(self, environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        if path == "/metrics":
-            lines = [f'reverst_tunnel_group_active_conn{{tunnel_group="{name}"}} {len(self.connections(name))}'
-                     for name in self.groups.groups]
-            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4")])
-            return [("\n".join(lines) + "\n").encode()]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found\n"]
 
     # -- live groups and external authorization (PROTOCOL §5) ----------------------------------
     def groups_updater(self):

@@ -62,6 +62,8 @@ class GroupsWatcher:
         self._groups = _open_source(source, self._kube, wake=self._wake.set)
         self._current: GroupsConfig | None = None
         self._on_change: Callable[[GroupsConfig], None] | None = None
+        #: called from the watcher thread with the error of each version not applied (metrics)
+        self.on_error: Callable[[ConfigError], None] | None = None
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -122,6 +124,8 @@ class GroupsWatcher:
             config = self._parse()
         except ConfigError as exc:
             log.error("tunnel groups not reloaded, the last good version stays: %s", exc)
+            if self.on_error is not None:
+                self.on_error(exc)
             return
         if config == self._current:
             log.debug("tunnel groups from %s changed, but the configuration they make is the same", self.source)

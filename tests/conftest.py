@@ -89,6 +89,14 @@ class Proc:
                     raise AssertionError(f"{pattern!r} not seen in {timeout}s; output:\n" + self.output())
                 self._cond.wait(min(left, 0.2))
 
+    def _wait_or_kill(self, pattern, timeout=10.0):
+        """wait_for() in a constructor: on failure nobody holds the process, so stop it."""
+        try:
+            return self.wait_for(pattern, timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
     def output(self) -> str:
         return "\n".join(self.lines)
 
@@ -121,7 +129,7 @@ class Server(Proc):
         super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
                           "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
                           "-g", str(groups_path), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0", *extra])
-        m = self.wait_for(READY_SERVER.pattern)
+        m = self._wait_or_kill(READY_SERVER.pattern)
         self.tunnel_address = m.group(1)
         host, port = m.group(2).rsplit(":", 1)
         self.http_port = int(port)
@@ -139,7 +147,7 @@ class TunnelClient(Proc):
             args += ["--username", auth[0], "--password", auth[1]]
         super().__init__(args + list(extra) + [app], env={"APP_NAME": name})
         if wait:
-            self.wait_for("is reachable through")
+            self._wait_or_kill("is reachable through")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ class LiveServer(Proc):
         super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
                           "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
                           "-g", str(source), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0", *extra], env=env)
-        m = self.wait_for(READY_SERVER.pattern, timeout=15)
+        m = self._wait_or_kill(READY_SERVER.pattern, timeout=15)
         self.tunnel_address = m.group(1)
         self.http_port = int(m.group(2).rsplit(":", 1)[1])
 

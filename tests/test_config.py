@@ -41,10 +41,10 @@ def test_full_example():
           "app":
             hosts: ["app.dev", "www.app.dev"]
             authentication:
-              basic: {{username: user, password: s3cret-pass}}
-              bearer: {{token: s3cret-token, scheme: JWT}}
-              external: {{endpoint: "http://auth/ext", scheme: Ext}}
-          "open": {{}}
+              basic: {username: user, password: s3cret-pass}
+              bearer: {token: s3cret-token, scheme: JWT}
+              external: {endpoint: "http://auth/ext", scheme: Ext}
+          "open": {}
     """)
     assert isinstance(config, GroupsConfig)
     assert config.source == "groups.yml"

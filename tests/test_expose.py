@@ -163,7 +163,7 @@ class FixedServer(Proc):
         super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
                           "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
                           "-g", str(groups_path), "-a", tunnel, "-s", http])
-        m = self.wait_for(READY_SERVER.pattern)
+        m = self._wait_or_kill(READY_SERVER.pattern)
         self.tunnel_address = m.group(1)
         self.http_port = int(m.group(2).rsplit(":", 1)[1])
 
@@ -178,7 +178,7 @@ class Expose(Proc):
                           "-c", certs["ca"], "--username", "user", "--password", password,
                           *extra, str(addr)])
         if wait:
-            self.wait_for(READY, timeout=15)
+            self._wait_or_kill(READY, timeout=15)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from ..errors import (BadRequest, ConnectionClosed, NotFound, ProtocolViolation,
 from ._handler import WSGIHandler
 
 __all__ = ["BasicAuth", "BearerAuth", "Client", "serve", "Unauthorized", "BadRequest", "NotFound",
-           "ServerError"]
+           "ServerError", "CONNECTING", "CONNECTED", "RECONNECTING", "STOPPED"]
 
 logger = logging.getLogger("reverst.client")
 
@@ -65,6 +65,10 @@ def _split_address(address) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+#: :attr:`Client.state` values
+CONNECTING, CONNECTED, RECONNECTING, STOPPED = "connecting", "connected", "reconnecting", "stopped"
+
+
 class Client:
     """Keeps ``connections`` tunnel connections registered and serves ``app`` through them.
 
@@ -73,6 +77,11 @@ class Client:
     server errors after ``max_retries`` consecutive failures, never by default).  A
     dropped connection is re-dialled with capped exponential backoff and jitter; the
     backoff starts over once a connection has stayed up for ``healthy_after`` seconds.
+
+    :attr:`state` is ``"connecting"`` until the first registration, ``"connected"``
+    while at least one connection is registered, ``"reconnecting"`` after a failure or
+    a loss while none is, and ``"stopped"`` once :meth:`stop` is done or
+    ``dial_and_serve()`` gave up; :meth:`on_state_change` callbacks hear each change.
     """
 
     def __init__(self, app, tunnel_address, *, tunnel_group: str, server_name: str | None = None,
@@ -104,6 +113,9 @@ class Client:
         self._stopped = gevent.event.Event()  # set by stop() once connections are closed
         self._slots: list[Connection | None] = [None] * connections
         self._endpoints: list[Endpoint | None] = [None] * connections
+        self._slot_states: list[str] = [CONNECTING] * connections
+        self._state = CONNECTING
+        self._state_callbacks: list[Callable[["Client", str], None]] = []
 
     def __repr__(self) -> str:
         return (f"<Client {self.host}:{self.port} group={self.tunnel_group!r} "
@@ -113,6 +125,34 @@ class Client:
     def connections(self) -> list[Connection]:
         """The tunnel connections that are currently open."""
         return [c for c in self._slots if c is not None and c.is_open]
+
+    @property
+    def state(self) -> str:
+        """``"connecting"``, ``"connected"``, ``"reconnecting"`` or ``"stopped"``."""
+        return self._state
+
+    def on_state_change(self, callback: Callable[["Client", str], None]) -> None:
+        """Call ``callback(client, new_state)`` (in the client's event loop; it must not
+        block) whenever :attr:`state` changes."""
+        self._state_callbacks.append(callback)
+
+    def _set_slot_state(self, slot: int, state: str) -> None:
+        self._slot_states[slot] = state
+        states = self._slot_states
+        overall = (CONNECTED if CONNECTED in states else
+                   CONNECTING if all(s == CONNECTING for s in states) else RECONNECTING)
+        self._set_state(overall)
+
+    def _set_state(self, state: str) -> None:
+        if state == self._state or self._state == STOPPED:
+            return
+        self._state = state
+        logger.debug("client state: %s", state)
+        for callback in list(self._state_callbacks):
+            try:
+                callback(self, state)
+            except Exception:
+                logger.exception("on_state_change callback failed")
 
     @property
     def connection(self) -> Connection | None:
@@ -137,6 +177,7 @@ class Client:
             gevent.killall(runners, block=True, timeout=5)
             for i in range(len(self._slots)):
                 self._close_endpoint(i)
+            self._set_state(STOPPED)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop gracefully: refuse new requests, let in-flight ones finish (up to
@@ -157,6 +198,7 @@ class Client:
             self._handler.close()
         finally:
             self._stopped.set()
+            self._set_state(STOPPED)
 
     def __enter__(self):
         return self
@@ -181,6 +223,7 @@ class Client:
                 if self.max_retries is not None and failures > self.max_retries:
                     raise
                 delay = self._delay(failures)
+                self._set_slot_state(slot, RECONNECTING)
                 if isinstance(exc, NotFound):
                     logger.warning("%s: tunnel group %r is unknown to %s:%d (%s); retrying in %.1fs",
                                    name, self.tunnel_group, self.host, self.port, exc, delay)
@@ -192,6 +235,7 @@ class Client:
             connected_at = time.monotonic()
             logger.info("%s registered with %s:%d in group %r", name, self.host, self.port,
                         self.tunnel_group)
+            self._set_slot_state(slot, CONNECTED)
             if self.on_ready is not None:
                 self.on_ready(self)
             gevent.wait([conn.closed, self._stopping], count=1)
@@ -202,6 +246,7 @@ class Client:
                 failures = 0
             failures += 1
             delay = self._delay(failures)
+            self._set_slot_state(slot, RECONNECTING)
             logger.info("%s lost (%s); reconnecting in %.1fs", name, conn.close_reason, delay)
             self._stopping.wait(delay)
 

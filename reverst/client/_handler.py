@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Callable
 
 import gevent
@@ -134,7 +135,8 @@ class WSGIHandler:
         environ = make_environ(stream.headers, WSGIInput(lambda n: call(stream.read, n)),
                                peer=stream.conn.peer)
         method = environ["REQUEST_METHOD"]
-        state = {"status": None, "headers": None, "sent": False, "body": True, "posted": 0}
+        state = {"status": None, "headers": None, "sent": False, "body": True, "posted": 0, "bytes": 0}
+        started = time.monotonic()
 
         def send_headers(end: bool, data: bytes = b"") -> None:
             fields = response_headers(state["status"], state["headers"])
@@ -149,6 +151,7 @@ class WSGIHandler:
                 piece = data[start:start + POST_LIMIT]
                 post(stream.queue, piece, end and start + POST_LIMIT >= len(data))
                 state["posted"] += len(piece)
+                state["bytes"] += len(piece)
                 if state["posted"] >= POST_LIMIT:  # back-pressure, and learn about resets
                     state["posted"] = 0
                     call(stream.wait_writable)
@@ -207,3 +210,9 @@ class WSGIHandler:
                     post(stream.reset, H3_INTERNAL_ERROR)
             except (StreamReset, ConnectionClosed):
                 pass
+        finally:
+            if logger.isEnabledFor(logging.DEBUG):  # the path only: a query may carry tokens
+                logger.debug("%s %s -> %s, %d bytes, %.1f ms", method,
+                             environ.get("REQUEST_URI", "").split("?", 1)[0],
+                             (state["status"] or "no response").split(" ", 1)[0], state["bytes"],
+                             (time.monotonic() - started) * 1000)

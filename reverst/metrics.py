@@ -1,0 +1,440 @@
+"""``reverstd``'s Prometheus metrics, per-tunnel counters and the public access log.
+
+Each :class:`ServerMetrics` has its own ``CollectorRegistry`` (never the process-global
+default, so several servers in one process do not collide). Families:
+
+Those of the Go ``reverstd`` (../shared/PROTOCOL.md §8), same names, labels and units:
+
+* ``reverst_tunnel_group_registrations_total{tunnel_group, error}``: registrations whose
+  request was decoded; ``error`` is empty on success, else ``unauthorized`` or ``not found``.
+* ``reverst_tunnel_group_active_conn{tunnel_group}``: registered, open tunnel connections.
+* ``reverst_tunnel_group_proxy_requests_total{host, status}``: public requests by routing
+  host (``X-Forwarded-Host``, else ``Host`` without port) and status class (``2XX``...).
+* ``reverst_tunnel_group_proxy_requests_latency_milliseconds{host, status}``: their
+  latency histogram in ms, with the OpenTelemetry default buckets. The Go server's
+  instrument is ``..._requests_latency`` with unit ``ms``; its Prometheus exporter
+  appends the unit, so this is the name Go dashboards query.
+
+Ours: bytes in and out per group, registration failures by reason, QUIC smoothed RTT and
+lost packets per group, requests in flight per group, dropped datagrams, open public
+connections, groups reloads by result, and the process collector.
+
+Label values that the public chooses (hosts and group names nobody configured) are kept
+for the first :data:`UNKNOWN_LABEL_LIMIT` distinct values, then counted as ``other``, so
+a scanner cannot grow the registry without bound.
+
+This module does not import gevent (:class:`OpenConnections` does, when called).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .logs import ACCESS_LOGGER
+
+access_logger = logging.getLogger(ACCESS_LOGGER)
+
+#: The OpenTelemetry SDK's default explicit histogram bounds (the Go server's buckets), ms.
+LATENCY_BUCKETS_MS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
+UNKNOWN_LABEL_LIMIT = 100
+OTHER = "other"
+#: Registration failure reasons kept as label values; anything else is "error".
+FAILURE_REASONS = ("unauthorized", "not found", "bad request", "timeout", "closed", "internal error")
+#: Seconds over which the status page's request rate is averaged.
+RATE_WINDOW = 10
+
+
+def status_class(code: int) -> str:
+    """``2XX`` for 200..299, as the Go server labels statuses (0, nothing written: ``2XX``)."""
+    if code <= 0:
+        return "2XX"
+    return f"{str(code)[0]}XX"
+
+
+class LabelLimiter:
+    """Known values pass; the first ``limit`` distinct unknown ones too; then ``other``."""
+
+    def __init__(self, limit: int = UNKNOWN_LABEL_LIMIT) -> None:
+        self.limit = limit
+        self._unknown: set[str] = set()
+
+    def __call__(self, value: str, known: bool) -> str:
+        value = value[:200]
+        if known or value in self._unknown:
+            return value
+        if len(self._unknown) < self.limit:
+            self._unknown.add(value)
+            return value
+        return OTHER
+
+
+class RateWindow:
+    """Events per second over the last ``span`` seconds, in one-second buckets."""
+
+    def __init__(self, span: int = RATE_WINDOW, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span = span
+        self._clock = clock
+        self._counts = [0] * span
+        self._seconds = [-1] * span
+
+    def add(self, n: int = 1) -> None:
+        second = int(self._clock())
+        i = second % self.span
+        if self._seconds[i] != second:
+            self._seconds[i] = second
+            self._counts[i] = 0
+        self._counts[i] += n
+
+    def rate(self) -> float:
+        now = int(self._clock())
+        total = sum(c for c, s in zip(self._counts, self._seconds) if 0 <= now - s < self.span)
+        return total / self.span
+
+
+@dataclass
+class TunnelStats:
+    """What the status page shows about one registered tunnel connection."""
+    group: str
+    peer: str
+    connected_at: float  # wall-clock seconds
+    requests: int = 0
+    lost_packets: int = 0
+
+
+@dataclass
+class GroupStats:
+    requests: int = 0
+    rate: RateWindow = field(default_factory=RateWindow)
+
+
+class ServerMetrics:
+    """The metrics of one :class:`~reverst.server.TunnelServer` (``server``), which calls
+    the hooks below; :attr:`registry` is what ``/metrics`` exposes."""
+
+    def __init__(self, server, *, registry: CollectorRegistry | None = None, process: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.server = server
+        self.clock = clock
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        self.registrations = Counter(
+            "reverst_tunnel_group_registrations_total",
+            "Total number of registration attempts handled by tunnel group and status code",
+            ["tunnel_group", "error"], registry=registry)
+        self.requests = Counter(
+            "reverst_tunnel_group_proxy_requests_total",
+            "Total number of requests handled by host and response code",
+            ["host", "status"], registry=registry)
+        self.latency = Histogram(
+            "reverst_tunnel_group_proxy_requests_latency_milliseconds",
+            "Latency of requests per host and response code",
+            ["host", "status"], buckets=LATENCY_BUCKETS_MS, registry=registry)
+        self.registration_failures = Counter(
+            "reverst_registration_failures_total",
+            "Failed tunnel registrations by reason (unauthorized, not found, bad request, timeout, "
+            "closed, internal error)", ["reason"], registry=registry)
+        self.bytes_in = Counter(
+            "reverst_tunnel_group_received_bytes_total",
+            "Request body bytes received from public clients and sent into the group's tunnels",
+            ["tunnel_group"], registry=registry)
+        self.bytes_out = Counter(
+            "reverst_tunnel_group_sent_bytes_total",
+            "Response body bytes received from the group's tunnels and sent to public clients",
+            ["tunnel_group"], registry=registry)
+        self.lost_packets = Counter(
+            "reverst_tunnel_group_lost_packets_total",
+            "QUIC packets to the group's tunnels that loss detection declared lost",
+            ["tunnel_group"], registry=registry)
+        self.reloads = Counter(
+            "reverst_tunnel_groups_reloads_total",
+            "Tunnel groups configurations read while running, by result (success, failure)",
+            ["result"], registry=registry)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        for reason in FAILURE_REASONS:  # present from the start, so rate() and alerts see 0
+            self.registration_failures.labels(reason)
+        registry.register(_StateCollector(self))
+        if process:
+            ProcessCollector(registry=registry)
+        self.tunnels: dict[object, TunnelStats] = {}
+        self.groups: dict[str, GroupStats] = {}
+        self.public_connections = OpenConnections()
+        self.requests_total = 0
+        #: one access-log line per public request (logger ``reverst.access``, info)
+        self.access_log = True
+        self._hosts = LabelLimiter()
+        self._groups = LabelLimiter()
+        self._children: dict[tuple[str, str], tuple] = {}
+
+    # -- hooks called by the server ------------------------------------------------------------
+    def registration(self, group: str | None, error: str | None, *, known_group: bool) -> None:
+        """One registration attempt. ``group`` is None when the request was never decoded
+        (the Go server counts only decoded ones in its family)."""
+        if error is not None and error not in FAILURE_REASONS:
+            error = "error"
+        if group is not None:
+            self.registrations.labels(self._groups(group, known_group), error or "").inc()
+        if error is not None:
+            self.registration_failures.labels(error).inc()
+
+    def tunnel_registered(self, conn, group: str, peer: str) -> None:
+        stats = self.tunnels[conn] = TunnelStats(group, peer, getattr(conn, "connected_at", time.time()))
+        lost = self.lost_packets.labels(group)
+
+        def on_lost(n: int) -> None:
+            stats.lost_packets += n
+            lost.inc(n)
+        count_lost_packets(conn.quic, on_lost)
+
+    def tunnel_closed(self, conn) -> None:
+        self.tunnels.pop(conn, None)
+
+    def reloaded(self, ok: bool = True) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+
+    def group_stats(self, name: str) -> GroupStats:
+        stats = self.groups.get(name)
+        if stats is None:
+            stats = self.groups[name] = GroupStats(rate=RateWindow(clock=self.clock))
+        return stats
+
+    # -- public requests ---------------------------------------------------------------------
+    def observe(self, app, *, access_log: bool = True):
+        """WSGI middleware around the public app: request metrics and the access log."""
+        self.access_log = access_log
+        return PublicRequests(app, self)
+
+    def request_done(self, environ: dict, code: int, sent: int, received: int, started: float) -> None:
+        elapsed_ms = (self.clock() - started) * 1000.0
+        self.requests_total += 1
+        group = environ.get("reverst.group")
+        route = environ.get("reverst.route")
+        if route is None:
+            route = environ.get("HTTP_HOST", "").rsplit(":", 1)[0]
+        key = (self._hosts(route, group is not None), status_class(code))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
+        children[0].inc()
+        children[1].observe(elapsed_ms)
+        if group is not None:
+            stats = self.group_stats(group)
+            stats.requests += 1
+            stats.rate.add()
+            if sent:
+                self.bytes_out.labels(group).inc(sent)
+            if received:
+                self.bytes_in.labels(group).inc(received)
+        conn = environ.get("reverst.tunnel")
+        tunnel = self.tunnels.get(conn) if conn is not None else None
+        if tunnel is not None:
+            tunnel.requests += 1
+        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+            method = environ.get("REQUEST_METHOD", "")
+            path = (environ.get("reverst.raw_path") or environ.get("PATH_INFO", "")).split("?", 1)[0]
+            peer = tunnel.peer if tunnel is not None else None  # never the query: it may carry tokens
+            client = environ.get("REMOTE_ADDR", "")
+            fields = {"method": method, "host": route, "path": path, "status": code, "bytes": sent,
+                      "duration_ms": round(elapsed_ms, 1), "tunnel": peer, "client": client}
+            access_logger.info("method=%s host=%s path=%s status=%d bytes=%d duration_ms=%.1f tunnel=%s client=%s",
+                               _logfmt(method), _logfmt(route), _logfmt(path), code, sent, elapsed_ms,
+                               _logfmt(peer), _logfmt(client), extra={"fields": fields})
+
+
+class PublicRequests:
+    """Times each public request, counts its body bytes both ways, and reports it to
+    :meth:`ServerMetrics.request_done` once its response is finished (or failed)."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    def __call__(self, environ, start_response):
+        started = self.metrics.clock()
+        status = [0]
+
+        def observed_start_response(line, headers, exc_info=None):
+            try:
+                status[0] = int(line[:3])
+            except ValueError:
+                status[0] = 0
+            return start_response(line, headers, exc_info)
+
+        body = environ.get("wsgi.input")
+        counting = environ["wsgi.input"] = _CountingInput(body) if body is not None else None
+        try:
+            result = self.app(environ, observed_start_response)
+        except Exception:
+            self.metrics.request_done(environ, 500, 0, counting.count if counting else 0, started)
+            raise
+        if isinstance(result, list):  # complete already (error pages, HEAD, 204/304)
+            self.metrics.request_done(environ, status[0], sum(map(len, result)),
+                                      counting.count if counting else 0, started)
+            return result
+        return _ObservedBody(result, lambda sent: self.metrics.request_done(
+            environ, status[0], sent, counting.count if counting else 0, started))
+
+
+class _ObservedBody:
+    __slots__ = ("_result", "_it", "sent", "_done")
+
+    def __init__(self, result, done: Callable[[int], None]) -> None:
+        self._result = result
+        self._it = iter(result)
+        self.sent = 0
+        self._done = done
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        data = next(self._it)
+        self.sent += len(data)
+        return data
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            done, self._done = self._done, None
+            if done is not None:
+                done(self.sent)
+
+
+class _CountingInput:
+    """``wsgi.input`` that counts the bytes read through it."""
+    __slots__ = ("_input", "count")
+
+    def __init__(self, body) -> None:
+        self._input = body
+        self.count = 0
+
+    def read(self, *args) -> bytes:
+        data = self._input.read(*args)
+        self.count += len(data)
+        return data
+
+    def readline(self, *args) -> bytes:
+        data = self._input.readline(*args)
+        self.count += len(data)
+        return data
+
+    def readlines(self, *args) -> list[bytes]:
+        lines = self._input.readlines(*args)
+        self.count += sum(map(len, lines))
+        return lines
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def __getattr__(self, name):
+        return getattr(self._input, name)
+
+
+class OpenConnections:
+    """``spawn=`` for a gevent ``StreamServer``: spawns each connection's handler and counts
+    the connections being handled (unlike a ``Pool``, it does not make ``stop()`` wait)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, handle, *args):
+        import gevent
+        return gevent.spawn(self._run, handle, args)
+
+    def _run(self, handle, args) -> None:
+        self.count += 1
+        try:
+            handle(*args)
+        finally:
+            self.count -= 1
+
+
+def count_lost_packets(quic, on_lost: Callable[[int], None]) -> None:
+    """Call ``on_lost(n)`` whenever aioquic's loss detection declares ``n`` packets of
+    ``quic`` lost (a congestion event; packets a PTO merely retransmits early are not
+    counted). aioquic keeps no such counter: this wraps its private recovery method."""
+    loss = getattr(quic, "_loss", None)
+    original = getattr(loss, "_on_packets_lost", None)
+    if original is None:
+        return
+
+    def on_packets_lost(*, packets, congestion_event: bool = True, **kwargs):
+        if congestion_event:
+            packets = list(packets)
+            if packets:
+                on_lost(len(packets))
+        return original(packets=packets, congestion_event=congestion_event, **kwargs)
+    loss._on_packets_lost = on_packets_lost
+
+
+def smoothed_rtt(conn) -> float | None:
+    """The connection's smoothed RTT in seconds (aioquic's recovery state), None before a sample."""
+    loss = getattr(getattr(conn, "quic", None), "_loss", None)
+    if loss is None or not getattr(loss, "_rtt_initialized", False):
+        return None
+    return loss._rtt_smoothed
+
+
+class _StateCollector:
+    """Families read from the server's state at scrape time."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # computed at collect time; nothing to check at registration
+
+    def collect(self):
+        server = self.metrics.server
+        active = GaugeMetricFamily("reverst_tunnel_group_active_conn",
+                                   "Number of active connections in the tunnel group", labels=["tunnel_group"])
+        in_flight = GaugeMetricFamily("reverst_tunnel_group_requests_in_flight",
+                                      "Public requests being proxied through the group's tunnels",
+                                      labels=["tunnel_group"])
+        rtt = GaugeMetricFamily("reverst_tunnel_group_rtt_seconds",
+                                "Mean QUIC smoothed round-trip time of the group's tunnel connections",
+                                labels=["tunnel_group"])
+        rtt_max = GaugeMetricFamily("reverst_tunnel_group_rtt_max_seconds",
+                                    "Largest QUIC smoothed round-trip time among the group's tunnel connections",
+                                    labels=["tunnel_group"])
+        for name in server.groups.groups:
+            conns = server.connections(name)
+            active.add_metric([name], len(conns))
+            in_flight.add_metric([name], sum(server.in_flight(c) for c in conns))
+            samples = [r for r in map(smoothed_rtt, conns) if r is not None]
+            if samples:
+                rtt.add_metric([name], sum(samples) / len(samples))
+                rtt_max.add_metric([name], max(samples))
+        yield active
+        yield in_flight
+        yield rtt
+        yield rtt_max
+        yield CounterMetricFamily("reverst_quic_dropped_datagrams_total",
+                                  "UDP datagrams dropped by the tunnel endpoint (unparseable, unknown "
+                                  "connection, or no room to send)", value=server.dropped_datagrams)
+        yield GaugeMetricFamily("reverst_public_connections_open",
+                                "Public HTTP connections currently open",
+                                value=self.metrics.public_connections.count)
+        yield GaugeMetricFamily("reverst_tunnel_groups_loaded",
+                                "1 once the tunnel groups source has been loaded",
+                                value=1 if server.groups_loaded.is_set() else 0)
+
+
+_PLAIN = re.compile(r'[!#-<>-\[\]-~]+')  # printable ASCII but space, '"', '=' and backslash
+
+
+def _logfmt(value: str | None) -> str:
+    if value is None:
+        return "-"
+    if _PLAIN.fullmatch(value):
+        return value
+    return json.dumps(value)  # quoted, control characters escaped: one line per request

@@ -1,0 +1,79 @@
+"""``Client.state`` and ``Client.on_state_change`` against real reverstd processes."""
+from __future__ import annotations
+
+import logging
+import signal
+
+import gevent
+import pytest
+
+from reverst.client import BasicAuth, Client, Unauthorized
+
+from .apps import app as flask_app
+from .conftest import Server
+
+
+def wait_state(client, state, timeout=15.0):
+    with gevent.Timeout(timeout, AssertionError(f"state {client.state!r}, not {state!r}, after {timeout}s")):
+        while client.state != state:
+            gevent.sleep(0.02)
+
+
+def test_state_follows_connect_loss_reconnect_and_stop(certs, groups_file, procs, caplog):
+    caplog.set_level(logging.INFO, logger="reverst.client")
+    server = Server(certs, groups_file)
+    procs.append(server)
+    client = Client(flask_app, server.tunnel_address, tunnel_group="app.test", server_name="localhost",
+                    ca_file=certs["ca"], auth=BasicAuth("user", "pass"), backoff=(0.05, 0.2),
+                    handshake_timeout=1.0)
+    seen = []
+    client.on_state_change(lambda c, state: seen.append((c is client, state)))
+    assert client.state == "connecting"
+    runner = gevent.spawn(client.dial_and_serve)
+    try:
+        wait_state(client, "connected")
+        server.stop(signal.SIGTERM)  # closes the tunnel with 0x0
+        wait_state(client, "reconnecting")
+        again = Server(certs, groups_file, extra=["-a", server.tunnel_address])  # same port
+        procs.append(again)
+        wait_state(client, "connected")
+    finally:
+        client.stop(2)
+        runner.join(5)
+    assert client.state == "stopped"
+    assert [s for _, s in seen] == ["connected", "reconnecting", "connected", "stopped"]
+    assert all(same for same, _ in seen)
+    messages = [r.getMessage() for r in caplog.records if r.name == "reverst.client"]
+    assert sum("registered with" in m for m in messages) == 2
+    assert any("lost (server closing down" in m and "reconnecting in" in m for m in messages)
+
+
+def test_state_is_stopped_after_a_fatal_error(server, certs):
+    client = Client(flask_app, server.tunnel_address, tunnel_group="app.test", server_name="localhost",
+                    ca_file=certs["ca"], auth=BasicAuth("user", "wrong"))
+    seen = []
+    client.on_state_change(lambda c, state: seen.append(state))
+    with gevent.Timeout(10), pytest.raises(Unauthorized):
+        client.dial_and_serve()
+    assert client.state == "stopped" and seen == ["stopped"]
+
+
+def test_a_failing_callback_does_not_break_the_client(server, certs):
+    client = Client(flask_app, server.tunnel_address, tunnel_group="app.test", server_name="localhost",
+                    ca_file=certs["ca"], auth=BasicAuth("user", "pass"), connections=2)
+    seen = []
+
+    def boom(c, state):
+        raise RuntimeError("callback bug")
+    client.on_state_change(boom)
+    client.on_state_change(lambda c, state: seen.append(state))
+    runner = gevent.spawn(client.dial_and_serve)
+    try:
+        with gevent.Timeout(10):
+            while len(client.connections) < 2:
+                gevent.sleep(0.02)
+        assert client.state == "connected"
+    finally:
+        client.stop(2)
+        runner.join(5)
+    assert seen == ["connected", "stopped"]  # two connections, one change
