@@ -183,7 +183,8 @@ import sys
 from reverst.client import serve, BasicAuth
 exec({BACKEND_APP.split("class Handler")[0]!r})
 serve(app, sys.argv[1], tunnel_group="bench.wsgi", server_name="localhost", ca_file=sys.argv[2],
-      auth=BasicAuth("bench", "bench"), on_ready=lambda c: print("ready", file=sys.stderr, flush=True))
+      auth=BasicAuth("bench", "bench"), max_datagram_size=int(sys.argv[3]),
+      on_ready=lambda c: print("ready", file=sys.stderr, flush=True))
 '''
 
 IDLE_CLIENTS = '''
@@ -216,6 +217,8 @@ def main():
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--only", default=None, help="run only cases whose name contains this")
     parser.add_argument("--idle", type=int, default=1000, help="idle tunnel connections (0: skip)")
+    parser.add_argument("--datagram-size", type=int, default=1452,
+                        help="--max-datagram-size for reverstd and the clients (loopback allows up to 16000)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
@@ -250,16 +253,18 @@ def main():
         server = Proc("reverstd", [sys.executable, "-m", "reverst.cli", "reverstd", "-l", "warn",
                                    "-n", "localhost", "-c", str(cert), "-k", str(key),
                                    "-g", str(tmp / "groups.yml"), "-a", f"127.0.0.1:{tunnel_port}",
-                                   "-s", f"127.0.0.1:{http_port}"])
+                                   "-s", f"127.0.0.1:{http_port}",
+                                   "--max-datagram-size", str(args.datagram_size)])
         procs.append(server)
         wait_tcp(http_port)
         tunnel = f"127.0.0.1:{tunnel_port}"
         expose = Proc("expose", [sys.executable, "-m", "reverst.cli", "client", "expose", "-l", "warn",
                                  "-a", tunnel, "-n", "localhost", "-g", "bench.expose", "-c", str(cert),
-                                 "--username", "bench", "--password", "bench", str(backend_port)])
+                                 "--username", "bench", "--password", "bench",
+                                 "--max-datagram-size", str(args.datagram_size), str(backend_port)])
         procs.append(expose)
         expose.wait_for("reachable through")
-        wsgi = Proc("wsgi", [sys.executable, "-c", WSGI_APP, tunnel, str(cert)])
+        wsgi = Proc("wsgi", [sys.executable, "-c", WSGI_APP, tunnel, str(cert), str(args.datagram_size)])
         procs.append(wsgi)
         wsgi.wait_for("ready")
 
@@ -311,7 +316,8 @@ def main():
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "backend": backend_name,
-                               "duration_s": args.duration, "rows": rows}, indent=2))
+                               "duration_s": args.duration, "datagram_size": args.datagram_size,
+                               "rows": rows}, indent=2))
     print(f"\nwritten to {out}")
 
 
@@ -375,7 +381,8 @@ def cells(row):
 def print_table(rows, backend):
     table = [list(COLUMNS)] + [cells(r) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    print(f"backend: {backend}; direct = backend without tunnel; tunnel = through reverstd and the client")
+    print(f"backend: {backend}; direct = backend without tunnel; tunnel = through reverstd and the client; "
+          f"rss in MB (peak during the case), cpu in seconds")
     for i, r in enumerate(table):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
         if i == 0:

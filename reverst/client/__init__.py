@@ -90,7 +90,8 @@ class Client:
                  max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
                  app_threads: int = 100, connections: int = 1, max_retries: int | None = None,
                  backoff: tuple[float, float] = (0.1, 30.0), healthy_after: float = 60.0,
-                 handshake_timeout: float = 10.0, dead_peer_timeout: float = 5.0) -> None:
+                 handshake_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
+                 max_datagram_size: int = 1452) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
         self.app = app
@@ -108,6 +109,7 @@ class Client:
         self.healthy_after = healthy_after
         self.handshake_timeout = handshake_timeout
         self.dead_peer_timeout = dead_peer_timeout
+        self.max_datagram_size = max_datagram_size
         self._handler = WSGIHandler(app, threads=app_threads)
         self._stopping = gevent.event.Event()
         self._stopped = gevent.event.Event()  # set by stop() once connections are closed
@@ -258,7 +260,7 @@ class Client:
     def _configuration(self) -> QuicConfiguration:
         cfg = QuicConfiguration(
             is_client=True, alpn_protocols=[protocol.ALPN], server_name=self.server_name,
-            idle_timeout=self.max_idle_timeout, max_datagram_size=1452,
+            idle_timeout=self.max_idle_timeout, max_datagram_size=self.max_datagram_size,
             max_stream_data=4 * 1024 * 1024, max_data=16 * 1024 * 1024,
         )
         if self.insecure:
