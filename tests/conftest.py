@@ -13,6 +13,8 @@ import time
 import pytest
 import trustme
 
+from .inmemory import SERVER_NAME
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 READY_SERVER = re.compile(r"listening for tunnels on udp (\S+), public http on tcp (\S+)")
 
@@ -148,6 +150,17 @@ class TunnelClient(Proc):
         super().__init__(args + list(extra) + [app], env={"APP_NAME": name})
         if wait:
             self._wait_or_kill("is reachable through")
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory):
+    """(certfile, keyfile, CA PEM) for a trustme-issued server certificate."""
+    ca = trustme.CA()
+    cert = ca.issue_cert(SERVER_NAME)
+    d = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    return str(d / "cert.pem"), str(d / "key.pem"), ca.cert_pem.bytes()
 
 
 @pytest.fixture

@@ -11,83 +11,22 @@ fake clock (aioquic ``tests/test_connection.py`` style): no sockets, no sleeps.
 from __future__ import annotations
 
 import pytest
-import trustme
 from aioquic.h3.connection import H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from reverst.http3 import (
     H3_MESSAGE_ERROR, ReversedH3Connection, connection_tokens, strip_hop_by_hop,
 )
-from reverst.protocol import ALPN, RegisterRequest, encode_request, encode_response
-from reverst.quic import TunnelQuicConnection
+from reverst.protocol import RegisterRequest, encode_request, encode_response
 
-CLIENT_ADDR = ("10.0.0.1", 50000)
-SERVER_ADDR = ("10.0.0.2", 8443)
-SERVER_NAME = "reverst.test"
+from .inmemory import SERVER_ADDR, Link, make_link
+
 REGISTRATION = encode_request(RegisterRequest("local.example", {"Authorization": "Bearer t"}))
 
 
 # -- in-memory network ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    """(certfile, keyfile, CA PEM) for a trustme-issued server certificate."""
-    ca = trustme.CA()
-    cert = ca.issue_cert(SERVER_NAME)
-    d = tmp_path_factory.mktemp("tls")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    return str(d / "cert.pem"), str(d / "key.pem"), ca.cert_pem.bytes()
-
-
-class Link:
-    """A client and a server connection, a fake clock and instant datagram delivery."""
-
-    def __init__(self, client: QuicConnection, server: QuicConnection, now: float = 1000.0):
-        self.client, self.server = client, server
-        self.now = now
-        self.peer = {client: server, server: client}
-        self.addr = {client: CLIENT_ADDR, server: SERVER_ADDR}
-        self.on_event = {client: Router(), server: Router()}
-
-    def drain(self, conn: QuicConnection) -> None:
-        while (event := conn.next_event()) is not None:
-            self.on_event[conn](event)
-
-    def flush(self, conn: QuicConnection) -> int:
-        datagrams = conn.datagrams_to_send(now=self.now)
-        peer = self.peer[conn]
-        for data, _ in datagrams:
-            peer.receive_datagram(data, self.addr[conn], now=self.now)
-        self.drain(peer)
-        return len(datagrams)
-
-    def exchange(self) -> None:
-        for _ in range(100_000):
-            if not (self.flush(self.client) + self.flush(self.server)):
-                return
-        raise AssertionError("endpoints never went quiet")
-
-    def advance(self, seconds: float = 0.2) -> None:
-        """Advance the clock, firing every timer due on the way."""
-        until = self.now + seconds
-        self.exchange()
-        for _ in range(100_000):
-            due = [(at, c) for c in (self.client, self.server)
-                   if (at := c.get_timer()) is not None and at <= until]
-            if not due:
-                break
-            self.now = max(self.now, min(at for at, _ in due))
-            for at, conn in due:
-                if at <= self.now:
-                    conn.handle_timer(now=self.now)
-                    self.drain(conn)
-            self.exchange()
-        self.now = until
 
 
 class Router:
@@ -117,17 +56,9 @@ class Router:
 
 
 def connect(tls, **config) -> Link:
-    certfile, keyfile, ca_pem = tls
-    client_config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
-                                      server_name=SERVER_NAME, **config)
-    client_config.load_verify_locations(cadata=ca_pem)
-    server_config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], **config)
-    server_config.load_cert_chain(certfile, keyfile)
-    client = TunnelQuicConnection(configuration=client_config)
-    server = TunnelQuicConnection(
-        configuration=server_config,
-        original_destination_connection_id=client.original_destination_connection_id)
-    link = Link(client, server)
+    link = make_link(tls, handshake=False, **config)
+    client, server = link.client, link.server
+    link.on_event = {client: Router(), server: Router()}
     client.connect(SERVER_ADDR, now=link.now)
     link.advance(1.0)
     for conn in (client, server):

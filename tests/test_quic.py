@@ -10,130 +10,18 @@ from __future__ import annotations
 import random
 
 import pytest
-import trustme
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from reverst.protocol import ALPN, AppErrorCode
+from reverst.protocol import AppErrorCode
 from reverst.quic import BUSY_PROBE_INTERVAL, TunnelQuicConnection
+
+from .inmemory import CLIENT_ADDR, SERVER_ADDR, Link, make_link
 
 KiB = 1024
 MiB = 1024 * KiB
 STREAM_WINDOW = 64 * KiB
 CONN_WINDOW = 256 * KiB
-
-CLIENT_ADDR = ("10.0.0.1", 50000)
-SERVER_ADDR = ("10.0.0.2", 8443)
-SERVER_NAME = "reverst.test"
-
-
-# -- in-memory network ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    """(certfile, keyfile, CA PEM) for a trustme-issued server certificate."""
-    ca = trustme.CA()
-    cert = ca.issue_cert(SERVER_NAME)
-    d = tmp_path_factory.mktemp("tls")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    return str(d / "cert.pem"), str(d / "key.pem"), ca.cert_pem.bytes()
-
-
-class Link:
-    """A client and a server connection, a fake clock and instant datagram delivery.
-
-    ``gone`` holds endpoints that vanished: they neither send, receive nor run timers.
-    Each endpoint's QUIC events go to ``on_event[conn]`` (default: ``events[conn]``).
-    """
-
-    def __init__(self, client: QuicConnection, server: QuicConnection, now: float = 1000.0):
-        self.client, self.server = client, server
-        self.now = now
-        self.peer = {client: server, server: client}
-        self.addr = {client: CLIENT_ADDR, server: SERVER_ADDR}
-        self.events: dict[QuicConnection, list] = {client: [], server: []}
-        self.on_event = {c: self.events[c].append for c in (client, server)}
-        self.sent = {client: 0, server: 0}  # datagrams produced
-        self.last_rx: dict[QuicConnection, float | None] = {client: None, server: None}
-        self.gone: set[QuicConnection] = set()
-
-    def drain(self, conn: QuicConnection) -> None:
-        while (event := conn.next_event()) is not None:
-            self.on_event[conn](event)
-
-    def flush(self, conn: QuicConnection) -> int:
-        if conn in self.gone:
-            return 0
-        datagrams = conn.datagrams_to_send(now=self.now)
-        self.sent[conn] += len(datagrams)
-        peer = self.peer[conn]
-        if datagrams and peer not in self.gone:
-            for data, _ in datagrams:
-                peer.receive_datagram(data, self.addr[conn], now=self.now)
-            self.last_rx[peer] = self.now
-            self.drain(peer)
-        return len(datagrams)
-
-    def exchange(self) -> None:
-        """Pass datagrams back and forth until both sides are quiet (no clock change)."""
-        for _ in range(100_000):
-            if not (self.flush(self.client) + self.flush(self.server)):
-                return
-        raise AssertionError("endpoints never went quiet")
-
-    def timers(self) -> list[tuple[float, QuicConnection]]:
-        return [(at, c) for c in (self.client, self.server)
-                if c not in self.gone and (at := c.get_timer()) is not None]
-
-    def run(self, until: float) -> None:
-        """Advance the clock to ``until``, firing every timer due on the way."""
-        self.exchange()
-        for _ in range(100_000):
-            due = self.timers()
-            if not due or min(at for at, _ in due) > until:
-                break
-            self.now = max(self.now, min(at for at, _ in due))
-            for at, conn in due:
-                if at <= self.now:
-                    conn.handle_timer(now=self.now)
-                    self.drain(conn)
-            self.exchange()
-        else:
-            raise AssertionError("timers never settled")
-        self.now = max(self.now, until)
-
-    def advance(self, seconds: float) -> None:
-        self.run(self.now + seconds)
-
-    def handshake(self) -> None:
-        self.client.connect(SERVER_ADDR, now=self.now)
-        self.advance(1.0)
-        for conn in (self.client, self.server):
-            assert any(isinstance(e, events.HandshakeCompleted) for e in self.events[conn])
-            assert conn._close_event is None
-
-
-def make_link(tls, *, client_cls=TunnelQuicConnection, server_cls=TunnelQuicConnection,
-              client_kwargs=None, server_kwargs=None, server_config=None, **config) -> Link:
-    certfile, keyfile, ca_pem = tls
-    client_config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
-                                      server_name=SERVER_NAME, **config)
-    client_config.load_verify_locations(cadata=ca_pem)
-    server_config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN],
-                                      **{**config, **(server_config or {})})
-    server_config.load_cert_chain(certfile, keyfile)
-    client = client_cls(configuration=client_config, **(client_kwargs or {}))
-    server = server_cls(
-        configuration=server_config,
-        original_destination_connection_id=client.original_destination_connection_id,
-        **(server_kwargs or {}))
-    link = Link(client, server)
-    link.handshake()
-    return link
-
 
 @pytest.fixture
 def small(tls) -> Link:
