@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--http-address", default="127.0.0.1:8181")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic logs every connection at info
     cert, key = _flask_example_helpers().ensure_certificate(FLASK_EXAMPLE / "certs")
 
     server = subprocess.Popen(
