@@ -8,6 +8,7 @@ import importlib
 import logging
 import signal
 import sys
+import time
 
 import click
 
@@ -91,11 +92,14 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
     import prometheus_client
     prometheus_client.disable_created_metrics()  # no *_created series: the Go server has none
     from .server import TunnelServer
-    from .sources import GroupsWatcher
+    from .sources import GroupsWatcher, SourceUnavailable
     watcher = None
     try:
         watcher = GroupsWatcher(tunnel_groups)
         groups = watcher.load()
+    except SourceUnavailable as exc:  # serve (not ready: /readyz 503) and keep trying
+        logging.getLogger("reverst").warning("tunnel groups not loaded yet, retrying: %s", exc)
+        groups = None
     except ConfigError as exc:
         if watcher is not None:
             watcher.stop()
@@ -111,13 +115,42 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
     except OSError as exc:
         watcher.stop()
         raise click.ClickException(f"cannot listen: {exc}") from None
-    if watch_groups:
+    if groups is None:
+        _load_in_background(watcher, server, watch_groups)
+    elif watch_groups:
         watcher.start(server.groups_updater())
     _stop_on_signals(server.stop)
     try:
         server.serve_forever()
     finally:
         watcher.stop()
+
+
+def _load_in_background(watcher, server, watch: bool, interval: float = 2.0) -> None:
+    """Retry an unreachable groups source until it loads, then apply it (and follow it)."""
+    import threading
+    from .sources import SourceUnavailable
+    update = server.groups_updater()
+    log = logging.getLogger("reverst")
+
+    def run():
+        while not server._stopped.is_set():
+            try:
+                groups = watcher.load()
+            except SourceUnavailable as exc:
+                log.debug("tunnel groups still unavailable: %s", exc)
+                time.sleep(interval)
+                continue
+            except ConfigError as exc:
+                log.error("tunnel groups source is invalid, retrying: %s", exc)
+                time.sleep(interval)
+                continue
+            log.info("tunnel groups loaded from %s", watcher.source)
+            update(groups)
+            if watch:
+                watcher.start(update)
+            return
+    threading.Thread(target=run, name="reverst-groups-loader", daemon=True).start()
 
 
 def _stop_on_signals(stop) -> None:

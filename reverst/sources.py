@@ -47,6 +47,11 @@ def load_groups(source: str) -> GroupsConfig:
         watcher.stop()
 
 
+class SourceUnavailable(ConfigError):
+    """The groups source could not be reached (e.g. the Kubernetes API is down): unlike an
+    invalid source, worth waiting for."""
+
+
 class GroupsWatcher:
     """Loads the tunnel groups from ``source`` and, once started, reloads them on change."""
 
@@ -446,7 +451,9 @@ class _ConfigMapSource:
             except KubeUnavailable as exc:
                 raise ConfigError(f"{self.source}: {exc}") from None
             except Exception as exc:
-                raise ConfigError(f"{self.source}: cannot read {obj.label}: {_api_reason(exc)}") from None
+                status = getattr(exc, "status", None)  # an API answer (4xx: our mistake) or none
+                error = SourceUnavailable if status is None or status >= 500 else ConfigError
+                raise error(f"{self.source}: cannot read {obj.label}: {_api_reason(exc)}") from None
         self._seen = obj.version
         data = obj.data
         if data is None:

@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 import pytest
 import requests
@@ -157,3 +158,31 @@ def test_server_fixture_still_reports_ready_line(certs, groups_file, procs):
     ready = next(i for i, line in enumerate(lines) if "listening for tunnels" in line)
     assert management < ready
     assert isinstance(s, Server)
+
+
+def test_unreachable_kubernetes_source_is_not_ready_until_it_loads(certs, procs, tmp_path, monkeypatch):
+    """`-g k8s://...` while the API server is down: reverstd serves /readyz 503 (instead of
+    exiting), keeps trying, and becomes ready and routes once the API answers."""
+    from .conftest import GROUPS
+    from .k8s_api import FakeKubeAPI
+
+    api = FakeKubeAPI().start()
+    api.put_configmap("infra", "reverst", {"groups.yml": GROUPS})
+    monkeypatch.setenv("KUBECONFIG", api.kubeconfig(tmp_path / "kubeconfig"))
+    api.close()  # connections are refused from now on
+    try:
+        server = ManagedServer(certs, "k8s://configmap/infra/reverst/groups.yml")
+        procs.append(server)
+        r = server.get("/readyz")
+        assert r.status_code == 503, r.text
+        server.wait_for("tunnel groups not loaded yet, retrying")
+        api.restart()
+        deadline = time.monotonic() + 10
+        while server.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.2)
+        procs.append(TunnelClient(server, certs))
+        r = requests.get(server.url("/hello"), headers={"Host": "app.test"}, timeout=10)
+        assert (r.status_code, r.text) == (200, "Hello, World!")
+    finally:
+        api.close()
