@@ -23,7 +23,7 @@ from . import auth, protocol
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
-from .http3 import H3_REQUEST_CANCELLED, strip_hop_by_hop
+from .http3 import H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class _Tunnels:
                 return conn
             del conns[self._next]  # found closed: drop it, try the next one
         return None
+
+
+_REJECTED = object()  # _forward's answer when the tunnel refused the request unprocessed
 
 
 class _UpstreamAborted(Exception):
@@ -356,12 +359,19 @@ class TunnelServer:
             return [b"bad gateway\n"]
         environ["reverst.group"] = group.name
         tunnels = self._tunnels.get(group.name)
-        conn = tunnels.pick() if tunnels else None
-        if conn is None:
-            logger.info("no tunnel connection for group %r (host %r)", group.name, route)
-            return self._empty_502(start_response)
-        environ["reverst.tunnel"] = conn
-        return self._forward(conn, environ, headers, host, start_response)
+        tried: set[Connection] = set()
+        while True:
+            conn = tunnels.pick() if tunnels else None
+            if conn is None or conn in tried:
+                logger.info("no tunnel connection for group %r (host %r)", group.name, route)
+                return self._empty_502(start_response)
+            tried.add(conn)
+            environ["reverst.tunnel"] = conn
+            result = self._forward(conn, environ, headers, host, start_response)
+            if result is not _REJECTED:
+                return result
+            # A tunnel client that is stopping refuses new requests unprocessed
+            # (H3_REQUEST_REJECTED): safe to hand a bodiless request to the next one.
 
     @staticmethod
     def _empty_502(start_response):
@@ -396,9 +406,13 @@ class TunnelServer:
                 pump = gevent.spawn(self._pump_body, environ["wsgi.input"], stream)
             response = stream.wait_headers()
         except (ConnectionClosed, StreamReset) as exc:
+            self._finish(stream, pump, slots)
+            if not has_body and isinstance(exc, StreamReset) and exc.error_code == H3_REQUEST_REJECTED:
+                logger.debug("%s %s refused by %s (stopping): trying another tunnel", method,
+                             environ["reverst.raw_path"], _fmt(conn.peer))
+                return _REJECTED
             logger.info("%s %s via %s failed before the response: %s", method, environ["reverst.raw_path"],
                         _fmt(conn.peer), exc)
-            self._finish(stream, pump, slots)
             return self._empty_502(start_response)
         except BaseException:
             self._finish(stream, pump, slots)

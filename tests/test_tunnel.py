@@ -1,6 +1,7 @@
 """End to end: public HTTP/1.1 -> reverstd -> QUIC/HTTP/3 -> Python client -> Flask."""
 import concurrent.futures
 import json
+import signal
 import socket
 import time
 
@@ -201,3 +202,19 @@ def test_tunnel_client_killed_mid_response_fails_fast_and_server_survives(server
     assert requests.get(server.url("/"), headers={"Host": "nosuch"}, timeout=5).status_code == 502
     start_client()
     assert get(server, "/hello").text == "Hello, World!"
+
+
+def test_requests_refused_by_a_stopping_client_go_to_another_one(server, start_client):
+    """A client finishing in-flight requests after SIGTERM refuses new ones unprocessed
+    (H3_REQUEST_REJECTED); reverstd hands them to another tunnel of the group."""
+    a = start_client(name="a")
+    start_client(name="b")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(get, server, f"/sleep?ms=3000&id={i}", timeout=15) for i in range(2)]
+        time.sleep(0.5)  # one slow request in each client (round-robin)
+        a.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # a is now refusing new requests, its slow one still running
+        names = [get(server, "/name").text for _ in range(6)]
+        assert names == ["b"] * 6
+        assert sorted(f.result().text for f in slow) == ["slept 0", "slept 1"]
+    assert a.popen.wait(10) == 0
