@@ -174,6 +174,7 @@ class TunnelServer:
         self._http: gevent.pywsgi.WSGIServer | None = None
         self._management: gevent.pywsgi.WSGIServer | None = None
         self._stopped = gevent.event.Event()
+        self._registered_total = 0
         self.ready = gevent.event.Event()
         self.metrics = ServerMetrics(self)
         self.access_log = access_log
@@ -205,6 +206,7 @@ class TunnelServer:
                 logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
         logger.info("listening for tunnels on udp %s, public http on tcp %s",
                     _fmt(self.tunnel_address), _fmt(self.http_address))
+        self._trimmer = gevent.spawn(self._trim_memory)
         self.ready.set()
 
     def serve_forever(self) -> None:
@@ -325,6 +327,7 @@ class TunnelServer:
             return
         self.metrics.registration(group_name, None, known_group=True)
         self.metrics.tunnel_registered(conn, group_name, peer)
+        self._registered_total += 1
         conn.attach_h3(http_client=True)
         self._slots[conn] = gevent.lock.BoundedSemaphore(MAX_REQUESTS_PER_CONNECTION)
         tunnels = self._tunnels.setdefault(group_name, _Tunnels())
@@ -332,6 +335,20 @@ class TunnelServer:
         conn.on_close(self._on_tunnel_closed)
         conn.group = group_name
         logger.info("tunnel %s registered in group %r (%s)", peer, group_name, strategy)
+
+    def _trim_memory(self, interval: float = 5.0) -> None:
+        """After a burst of registrations (handshakes allocate and free a lot), hand the
+        freed heap back to the OS: glibc keeps it otherwise, and RSS stays at the peak."""
+        try:
+            import ctypes
+            trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            return  # not glibc
+        seen = self._registered_total
+        while not self._stopped.wait(interval):
+            if self._registered_total != seen:
+                seen = self._registered_total
+                trim(0)
 
     def _on_tunnel_closed(self, conn: Connection) -> None:
         self._slots.pop(conn, None)
