@@ -423,6 +423,11 @@ class TunnelServer:
                 pump = gevent.spawn(self._pump_body, environ["wsgi.input"], stream)
             response = stream.wait_headers()
         except (ConnectionClosed, StreamReset) as exc:
+            if pump is not None:
+                pump.join(1)
+                if isinstance(pump.value, Exception):  # the public request itself was bad:
+                    self._finish(stream, pump, slots)
+                    raise pump.value  # pywsgi answers it (400), no second response from us
             self._finish(stream, pump, slots)
             if not has_body and isinstance(exc, StreamReset) and exc.error_code == H3_REQUEST_REJECTED:
                 logger.debug("%s %s refused by %s (stopping): trying another tunnel", method,
@@ -473,7 +478,7 @@ class TunnelServer:
         slots.release()
 
     @staticmethod
-    def _pump_body(body, stream: H3Stream) -> None:
+    def _pump_body(body, stream: H3Stream) -> Exception | None:
         try:
             while True:
                 data = body.read(CHUNK)
@@ -483,9 +488,11 @@ class TunnelServer:
             stream.write(b"", end=True)
         except (ConnectionClosed, StreamReset):
             pass  # the tunnel side stopped reading: the response says why
-        except (OSError, ValueError) as exc:  # the public client broke off the upload
+        except (OSError, ValueError) as exc:  # the public client broke off (or botched) the upload
             logger.info("request body aborted: %s", exc)
             stream.reset(H3_REQUEST_CANCELLED)
+            return exc
+        return None
 
     # -- live groups and external authorization (PROTOCOL §5) ----------------------------------
     def groups_updater(self):

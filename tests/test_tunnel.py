@@ -218,3 +218,28 @@ def test_requests_refused_by_a_stopping_client_go_to_another_one(server, start_c
         assert names == ["b"] * 6
         assert sorted(f.result().text for f in slow) == ["slept 0", "slept 1"]
     assert a.popen.wait(10) == 0
+
+
+def test_garbage_datagrams_and_requests_do_not_hurt_the_server(tunnel):
+    """Random UDP datagrams (short headers, fake Initials of every size) and malformed
+    HTTP/1.1 never take reverstd down: the registered tunnel keeps serving."""
+    import os
+    import random as rnd
+
+    host, port = tunnel.tunnel_address.rsplit(":", 1)
+    rng = rnd.Random(1234)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(2000):
+            size = rng.choice([1, 20, 50, 1199, 1200, 1350, 1500])
+            data = bytearray(os.urandom(size))
+            if i % 3 == 0 and size >= 6:  # a long header claiming QUIC v1 Initial
+                data[0] = 0xC0 | (data[0] & 0x0F)
+                data[1:5] = b"\x00\x00\x00\x01"
+            s.sendto(bytes(data), (host, int(port)))
+    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: app.test\r\nContent-Length: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n",
+                b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        reply = raw_request(tunnel, raw)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:100]
+    assert get(tunnel, "/hello").text == "Hello, World!"
+    assert tunnel.popen.poll() is None
