@@ -233,6 +233,11 @@ class Connection:
                 f"streams={len(self._h3streams) + len(self._raw)}>")
 
     @property
+    def open_streams(self) -> int:
+        """Request (and registration) streams this side still tracks: 0 when idle."""
+        return len(self._h3streams) + len(self._raw)
+
+    @property
     def is_open(self) -> bool:
         return not self.closed.is_set()
 

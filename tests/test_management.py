@@ -186,3 +186,27 @@ def test_unreachable_kubernetes_source_is_not_ready_until_it_loads(certs, procs,
         assert (r.status_code, r.text) == (200, "Hello, World!")
     finally:
         api.close()
+
+
+def test_no_stream_state_is_left_behind(mserver, certs, procs):
+    """After normal, HEAD, upload, failing and abandoned requests, the tunnel connection
+    tracks no request stream any more (nothing leaks per request)."""
+    procs.append(TunnelClient(mserver, certs))
+    h = {"Host": "app.test"}
+    for _ in range(30):
+        assert requests.get(mserver.url("/hello"), headers=h, timeout=10).status_code == 200
+    for _ in range(5):
+        assert requests.head(mserver.url("/hello"), headers=h, timeout=10).status_code == 200
+        assert requests.post(mserver.url("/upload"), headers=h, data=b"x" * 300_000, timeout=10).ok
+        assert requests.get(mserver.url("/boom"), headers=h, timeout=10).status_code == 500
+        with requests.get(mserver.url(f"/download/{50 * 1024 * 1024}"), headers=h, stream=True,
+                          timeout=10) as r:
+            next(r.iter_content(65536))  # then walk away mid-body
+    deadline = time.monotonic() + 10
+    while True:
+        tunnels = [t for g in mserver.get("/status").json()["groups"] for t in g["tunnels"]]
+        assert len(tunnels) == 1
+        if tunnels[0]["open_streams"] == 0 and tunnels[0]["in_flight"] == 0:
+            break
+        assert time.monotonic() < deadline, tunnels
+        time.sleep(0.2)
