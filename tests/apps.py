@@ -129,3 +129,11 @@ def validated(environ, start_response):
     """The Flask app behind wsgiref's PEP 3333 validator (checks our environ and calls)."""
     from wsgiref.validate import validator
     return validator(app)(environ, start_response)
+
+
+@app.route("/boom-midway")
+def boom_midway():
+    def gen():
+        yield b"partial "
+        raise RuntimeError("boom after the status was sent")
+    return Response(gen(), mimetype="text/plain")

@@ -243,3 +243,13 @@ def test_garbage_datagrams_and_requests_do_not_hurt_the_server(tunnel):
         assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:100]
     assert get(tunnel, "/hello").text == "Hello, World!"
     assert tunnel.popen.poll() is None
+
+
+def test_app_exception_midway_cuts_the_public_response_and_tunnel_survives(tunnel):
+    """Once the status is out, only an abort can signal the failure: the public client must
+    see a broken response, never a clean short one."""
+    with pytest.raises(requests.exceptions.RequestException):
+        with get(tunnel, "/boom-midway", stream=True) as r:
+            assert r.status_code == 200
+            b"".join(r.iter_content(None))
+    assert get(tunnel, "/hello").text == "Hello, World!"
