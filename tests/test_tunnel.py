@@ -253,3 +253,14 @@ def test_app_exception_midway_cuts_the_public_response_and_tunnel_survives(tunne
             assert r.status_code == 200
             b"".join(r.iter_content(None))
     assert get(tunnel, "/hello").text == "Hello, World!"
+
+
+def test_a_blocking_handler_does_not_stall_other_requests(tunnel):
+    """/sleep blocks its thread with plain time.sleep (no gevent, no monkey-patching)."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = [pool.submit(get, tunnel, "/sleep?ms=2000&id=s", timeout=10) for _ in range(3)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert get(tunnel, "/hello").text == "Hello, World!"
+        assert time.monotonic() - start < 0.5
+        assert all(f.result().text == "slept s" for f in slow)
