@@ -10,7 +10,6 @@ import hashlib
 import http
 import logging
 import socket
-from typing import Iterable
 
 import gevent
 import gevent.event
@@ -86,10 +85,13 @@ class _Handler(gevent.pywsgi.WSGIHandler):
             pass
         super().handle()
 
+    def MessageClass(self, fp, *args):  # noqa: N802 (pywsgi's name)
+        return _RequestHeaders(fp)
+
     def get_environ(self):
         env = super().get_environ()
         env["reverst.raw_path"] = self.path
-        env["reverst.header_lines"] = self.headers.headers
+        env["reverst.headers"] = self.headers.fields
         return env
 
     def _write_with_headers(self, data):
@@ -118,17 +120,72 @@ class _Handler(gevent.pywsgi.WSGIHandler):
         super().handle_error(t, v, tb)
 
 
-def _header_list(lines: Iterable[str]) -> list[tuple[str, str]]:
-    headers: list[tuple[str, str]] = []
-    for line in lines:
-        if line[:1] in " \t" and headers:  # obsolete line folding
-            name, value = headers[-1]
-            headers[-1] = (name, value + " " + line.strip())
-            continue
-        name, sep, value = line.partition(":")
-        if sep:
-            headers.append((name.strip(), value.strip()))
-    return headers
+class _RequestHeaders:
+    """The request header block, parsed strictly for pywsgi.
+
+    pywsgi's default (``http.client`` / ``email.parser``) is lenient in ways a proxy must
+    not be: ``Host : x`` (whitespace before the colon, a request-smuggling vector that
+    RFC 9112 §5.1 says to reject) is accepted, a line without a colon silently ends the
+    headers, and folded values keep their CRLF, which HTTP/3 peers then refuse.  Here a
+    malformed block sets ``status`` (pywsgi answers 400); folding is joined with a space;
+    repeated fields stay separate, in order, in ``fields``.
+    """
+
+    __slots__ = ("fields", "status")
+    MAX_LINE = 65536
+    MAX_FIELDS = 100
+
+    def __init__(self, fp) -> None:
+        self.fields: list[tuple[str, str]] = []
+        self.status = ""
+        while True:
+            line = fp.readline(self.MAX_LINE + 1)
+            if len(line) > self.MAX_LINE:
+                self.status = "Line too long"
+                return
+            if line in (b"\r\n", b"\n", b""):
+                return
+            if len(self.fields) >= self.MAX_FIELDS:
+                self.status = "Too many headers"
+                return
+            text = line.decode("latin-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t"):  # obsolete line folding
+                if not self.fields:
+                    self.status = "Invalid header continuation"
+                    return
+                name, value = self.fields[-1]
+                self.fields[-1] = (name, f"{value} {text.strip()}")
+                continue
+            name, sep, value = text.partition(":")
+            if not sep or not name or name != name.strip():
+                self.status = "Invalid header line"
+                return
+            self.fields.append((name, value.strip()))
+
+    def get(self, name: str, default=None):
+        low = name.lower()
+        for key, value in self.fields:
+            if key.lower() == low:
+                return value
+        return default
+
+    getheader = get
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def __delitem__(self, name: str) -> None:
+        low = name.lower()
+        self.fields = [(k, v) for k, v in self.fields if k.lower() != low]
+
+    @property
+    def typeheader(self):
+        return self.get("content-type")
+
+    @property
+    def headers(self) -> list[str]:
+        """Raw lines, as pywsgi builds the WSGI environ from them."""
+        return [f"{k}: {v}\r\n" for k, v in self.fields]
 
 
 def _status_line(code: int) -> str:
@@ -361,7 +418,7 @@ class TunnelServer:
 
     # -- public HTTP ----------------------------------------------------------------------
     def _proxy(self, environ: dict, start_response):
-        headers = _header_list(environ["reverst.header_lines"])
+        headers = environ["reverst.headers"]
         host = next((v for k, v in headers if k.lower() == "host"), "")
         route = next((v for k, v in headers if k.lower() == "x-forwarded-host"), None)
         if route is None:

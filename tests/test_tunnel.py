@@ -264,3 +264,16 @@ def test_a_blocking_handler_does_not_stall_other_requests(tunnel):
         assert get(tunnel, "/hello").text == "Hello, World!"
         assert time.monotonic() - start < 0.5
         assert all(f.result().text == "slept s" for f in slow)
+
+
+@pytest.mark.parametrize("lines,status", [
+    (b"X-Folded: one\r\n two\r\n", b"200"),   # obsolete folding is joined with a space
+    (b"No colon here\r\n", b"400"),
+    (b"Host : app.test\r\n", b"400"),         # whitespace before the colon (RFC 9112 5.1)
+    (b"X-A: 1\r\n" * 101, b"400"),            # too many fields
+])
+def test_public_header_block_parsing(tunnel, lines, status):
+    reply = raw_request(tunnel, b"GET /echo HTTP/1.1\r\nHost: app.test\r\n" + lines + b"Connection: close\r\n\r\n")
+    assert reply.split(b" ", 2)[1] == status, reply[:200]
+    if status == b"200":
+        assert b'"X-Folded", "one two"' in reply or b'["X-Folded","one two"]' in reply
