@@ -164,6 +164,15 @@ def tls(tmp_path_factory):
 
 
 @pytest.fixture
+def registrar(server, certs):
+    """Registers tunnels by hand against the module's ``server`` (see tests/live.py)."""
+    from .live import Registrar  # live imports this module
+    r = Registrar(server, certs)
+    yield r
+    r.close()
+
+
+@pytest.fixture
 def groups_file(tmp_path):
     path = tmp_path / "groups.yml"
     path.write_text(GROUPS)

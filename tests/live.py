@@ -188,3 +188,8 @@ def wait_closed(tunnel: RawTunnel, timeout: float = 5.0):
     with gevent.Timeout(timeout):
         tunnel.conn.closed.wait()
     return tunnel.conn.close_reason
+
+
+def steady_traffic(server) -> "Traffic":
+    """Background requests to the always-present group ``steady.test``."""
+    return Traffic(server, "steady.test", "steady")

@@ -13,7 +13,7 @@ from reverst.errors import ConfigError
 
 from .conftest import Proc, TunnelClient
 from .k8s_api import FakeKubeAPI
-from .live import NOT_RELOADED, UPDATED, LiveServer, Registrar, Traffic, bearer
+from .live import NOT_RELOADED, UPDATED, LiveServer, bearer, steady_traffic
 
 NS, NAME, KEY = "tunnels", "reverst", "groups.yml"
 SOURCE = f"k8s://configmap/{NS}/{NAME}/{KEY}"
@@ -67,17 +67,6 @@ def server(live):
     return live
 
 
-@pytest.fixture
-def registrar(server, certs):
-    r = Registrar(server, certs)
-    yield r
-    r.close()
-
-
-def traffic(server):
-    return Traffic(server, "steady.test", "steady")
-
-
 def change(server, do, *args, timeout=3.0) -> float:
     mark = server.mark()
     start = time.monotonic()
@@ -103,7 +92,7 @@ def test_configmap_groups_serve_and_equal_the_same_file(server, api, kubeconfig,
 
 
 def test_configmap_update_applies(server, api):
-    with traffic(server):
+    with steady_traffic(server):
         delay = change(server, api.put_configmap, NS, NAME,
                        {KEY: STEADY + "  new.test: {hosts: [new.test]}\n", "other": "x"})
         assert delay < 1.0
@@ -119,7 +108,7 @@ def test_configmap_other_key_change_is_not_a_reload(server, api):
 
 
 def test_configmap_key_deleted_keeps_last_good(server, api):
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         api.put_configmap(NS, NAME, {"other": "x"})
         line = server.wait_after(mark, NOT_RELOADED + ".*").group(0)
@@ -129,7 +118,7 @@ def test_configmap_key_deleted_keeps_last_good(server, api):
 
 
 def test_configmap_deleted_then_created(server, api):
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         api.delete("configmaps", NS, NAME)
         line = server.wait_after(mark, NOT_RELOADED + ".*").group(0)
@@ -139,7 +128,7 @@ def test_configmap_deleted_then_created(server, api):
 
 
 def test_invalid_configmap_is_logged_and_ignored(server, api):
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         api.put_configmap(NS, NAME, {KEY: STEADY.replace("hosts: [steady.test]", "hots: [steady.test]")})
         line = server.wait_after(mark, NOT_RELOADED + ".*").group(0)
@@ -158,7 +147,7 @@ def test_secret_tokens_plain_and_hashed(server, api, registrar):
 
 
 def test_secret_rotation_applies(server, api, registrar):
-    with traffic(server):
+    with steady_traffic(server):
         change(server, api.put_secret, NS, "tokens", tokens("plain-2", "hashed-2"))
         assert registrar.accepted("secret.test", bearer("plain-2"))
         assert not registrar.accepted("secret.test", bearer("plain-1"))
@@ -175,7 +164,7 @@ def test_secret_rotation_applies(server, api, registrar):
 
 def test_watch_cut_by_the_server_reconnects(server, api):
     watches = api.count("watch")
-    with traffic(server):
+    with steady_traffic(server):
         api.cut_watches()
         deadline = time.monotonic() + 5
         while api.count("watch") < watches + 2 and time.monotonic() < deadline:  # ConfigMap and Secret
@@ -188,7 +177,7 @@ def test_watch_cut_by_the_server_reconnects(server, api):
 
 def test_watch_expired_lists_again(server, api):
     lists = api.count("list")
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         api.expire_watches()  # every open watch gets an ERROR event: 410 Expired
         server.wait_after(mark, r"watch of ConfigMap tunnels/reverst expired \(410 Gone\); listing again")
@@ -206,7 +195,7 @@ def test_api_server_away_then_back(certs, tmp_path):
     server = LiveServer(certs, SOURCE, env={"KUBECONFIG": api.kubeconfig(tmp_path / "config")})
     client = TunnelClient(server, certs, group="steady.test", name="steady")
     try:
-        with traffic(server):
+        with steady_traffic(server):
             mark = server.mark()
             api.close()
             line = server.wait_after(mark, r"WARNING reverst.sources: watching ConfigMap tunnels/reverst failed: "

@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import TunnelClient
 from .live import (
-    NOT_RELOADED, UPDATED, LiveServer, Registrar, Traffic, apply, basic, bearer, wait_closed,
+    NOT_RELOADED, UPDATED, LiveServer, apply, basic, bearer, steady_traffic, wait_closed,
     write_atomically, write_in_place,
 )
 
@@ -69,17 +69,6 @@ def clients(server, certs):
         client.stop()
 
 
-@pytest.fixture
-def registrar(server, certs):
-    r = Registrar(server, certs)
-    yield r
-    r.close()
-
-
-def traffic(server):
-    return Traffic(server, "steady.test", "steady")
-
-
 def change(server, write, *args):
     delay = apply(server, write, *args)
     DELAYS.append(delay)
@@ -88,14 +77,14 @@ def change(server, write, *args):
 
 
 def test_steady_group_serves(server, path):
-    with traffic(server) as t:
+    with steady_traffic(server) as t:
         time.sleep(0.3)
     assert t.ok > 10
 
 
 def test_add_group(server, path, clients):
     assert server.get("new.test").text == "bad gateway\n"
-    with traffic(server):
+    with steady_traffic(server):
         change(server, write_atomically, path, STEADY + """\
   new.test:
     hosts: [new.test]
@@ -120,7 +109,7 @@ def test_remove_group_disconnects_its_tunnels(server, path, clients, registrar):
     raw, closed = registrar.register("gone.test", bearer("gone-token"))
     assert closed is None
     assert server.get("gone.test").text == "gone"
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         change(server, write_atomically, path, STEADY)
         reason = wait_closed(raw)
@@ -141,7 +130,7 @@ def test_change_hosts_reroutes(server, path, clients):
     change(server, write_atomically, path, STEADY + group.format(hosts="old.test"))
     clients(group="moving.test", name="moving")
     assert server.get("old.test").text == "moving"
-    with traffic(server):
+    with steady_traffic(server):
         change(server, write_atomically, path, STEADY + group.format(hosts="new-host.test, other.test"))
         assert (server.get("old.test").status_code, server.get("old.test").text) == (502, "bad gateway\n")
         # The connected tunnel stays: the same client now answers for the new hosts.
@@ -159,7 +148,7 @@ def test_change_password_applies_to_new_registrations(server, path, registrar):
     change(server, write_atomically, path, STEADY + group.format(password="first"))
     first, closed = registrar.register("pw.test", basic("user", "first"))
     assert closed is None
-    with traffic(server):
+    with steady_traffic(server):
         change(server, write_atomically, path, STEADY + group.format(password="second"))
         assert not registrar.accepted("pw.test", basic("user", "first"))
         assert registrar.accepted("pw.test", basic("user", "second"))
@@ -174,7 +163,7 @@ def test_change_password_applies_to_new_registrations(server, path, registrar):
      r'groups.yml: groups."b".authentication.bearer: one of token, tokenPath, hashedToken, hashedTokenPath is required$'),
 ], ids=["unknown-key", "yaml-syntax", "duplicate-host", "bearer-without-token"])
 def test_invalid_file_is_logged_and_ignored(server, path, bad, error):
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         write_atomically(path, bad)
         line = server.wait_after(mark, NOT_RELOADED + ".*", timeout=3).group(0)
@@ -189,7 +178,7 @@ def test_invalid_file_is_logged_and_ignored(server, path, bad, error):
 
 
 def test_atomic_rename(server, path):
-    with traffic(server):
+    with steady_traffic(server):
         change(server, write_atomically, path, STEADY + "  renamed.test: {hosts: [renamed.test], "
                                                          "authentication: {basic: {username: a, password: b}}}\n")
     assert server.get("renamed.test").text == ""
@@ -198,7 +187,7 @@ def test_atomic_rename(server, path):
 def test_in_place_edit_of_the_same_size(server, path, registrar):
     group = "  inplace.test: {{hosts: [inplace.test], authentication: {{basic: {{username: u, password: {pw}}}}}}}\n"
     change(server, write_atomically, path, STEADY + group.format(pw="aaaa"))
-    with traffic(server):
+    with steady_traffic(server):
         inode = os.stat(path).st_ino
         change(server, write_in_place, path, STEADY + group.format(pw="bbbb"))
         assert os.stat(path).st_ino == inode
@@ -212,14 +201,14 @@ def test_delete_and_recreate(server, path):
         time.sleep(0.05)
         path.write_text(text)
 
-    with traffic(server):
+    with steady_traffic(server):
         change(server, recreate, path, STEADY + "  recreated.test: {hosts: [recreated.test], "
                                                  "authentication: {basic: {username: a, password: b}}}\n")
     assert server.get("recreated.test").text == ""
 
 
 def test_removed_file_keeps_last_good_until_it_returns(server, path):
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         os.remove(path)
         line = server.wait_after(mark, NOT_RELOADED + ".*", timeout=3).group(0)
@@ -244,7 +233,7 @@ def test_kubernetes_style_symlink_swap(server, path, tmp_path):
     os.symlink(volume / "..data" / "groups.yml", volume / "link")
     mark = server.mark()
     os.replace(volume / "link", path)  # the same content behind a symlink now: nothing to apply
-    with traffic(server):
+    with steady_traffic(server):
         change(server, publish, "..v2", STEADY + "  swapped.test: {hosts: [swapped.test]}\n")
         assert server.get("swapped.test").text == ""
         change(server, publish, "..v3", STEADY)
@@ -268,7 +257,7 @@ def test_token_file_change_applies(server, path, registrar, tmp_path, key):
       bearer: {{{key}: '{token_file}'}}
 """)
     assert registrar.accepted("token.test", bearer("first-token"))
-    with traffic(server):
+    with steady_traffic(server):
         change(server, token, "second-token")
         assert registrar.accepted("token.test", bearer("second-token"))
         assert not registrar.accepted("token.test", bearer("first-token"))
@@ -283,7 +272,7 @@ def test_token_file_change_applies(server, path, registrar, tmp_path, key):
 
 def test_open_groups_are_warned_about_on_every_reload(server, path):
     warning = r"WARNING reverst.server: tunnel group 'open.test' has no authentication: anyone can register"
-    with traffic(server):
+    with steady_traffic(server):
         mark = server.mark()
         change(server, write_atomically, path, STEADY + "  open.test: {hosts: [open.test]}\n")
         server.wait_after(mark, warning)

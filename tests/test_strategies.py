@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 from .conftest import TunnelClient
-from .live import LiveServer, Registrar, Traffic, basic, bearer
+from .live import LiveServer, basic, bearer, steady_traffic
 
 SLOW = 3.0  # the authorizer's answer to "slow" tokens comes after this long
 
@@ -118,13 +118,6 @@ groups:
     s.stop()
 
 
-@pytest.fixture
-def registrar(server, certs):
-    r = Registrar(server, certs)
-    yield r
-    r.close()
-
-
 @pytest.mark.parametrize("group,authorization,accepted", [
     ("basic.test", basic("alice", "p@ss:word"), True),
     ("basic.test", basic("alice", "p@ss:wore"), False),
@@ -183,7 +176,7 @@ def test_external_unreachable_is_unauthorized(registrar, server):
 def test_slow_authorizer_blocks_neither_registrations_nor_traffic(server, registrar):
     slow = gevent.spawn(registrar.accepted, "mixed.test", bearer("slow", "Ext"))  # default timeout 5s
     gevent.sleep(0.3)  # its GET is now waiting on the authorizer
-    with Traffic(server, "steady.test", "steady") as traffic:
+    with steady_traffic(server) as traffic:
         start = time.monotonic()
         for group, authorization in [("basic.test", basic("alice", "p@ss:word")),
                                      ("token.test", bearer("plain-token")),
