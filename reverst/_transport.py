@@ -32,6 +32,7 @@ from aioquic.quic.packet import (
 
 from .errors import ConnectionClosed, StreamReset
 from .http3 import H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, ReversedH3Connection
+from .logs import format_address
 from .protocol import AppErrorCode
 from .quic import TunnelQuicConnection, encode_stateless_reset, stateless_reset_token
 
@@ -229,7 +230,7 @@ class Connection:
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed.is_set() else ("OPEN" if self.handshake_done.is_set() else "HANDSHAKE")
-        return (f"<Connection peer={_fmt_addr(self.peer)} {state} "
+        return (f"<Connection peer={format_address(self.peer)} {state} "
                 f"streams={len(self._h3streams) + len(self._raw)}>")
 
     @property
@@ -496,7 +497,7 @@ class Stream:
         self._writable = gevent.event.Event()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} id={self.stream_id} peer={_fmt_addr(self.conn.peer)}>"
+        return f"<{type(self).__name__} id={self.stream_id} peer={format_address(self.conn.peer)}>"
 
     # called from the connection's event processing (never blocks)
     def _on_quic_event(self, event) -> None:
@@ -682,10 +683,3 @@ class H3Stream(Stream):
         self.conn.h3.send_headers(self.stream_id, headers, end_stream=end)
         self._send_ended = end
         self.conn.schedule_transmit()
-
-
-def _fmt_addr(addr) -> str:
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

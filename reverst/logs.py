@@ -53,3 +53,10 @@ def formatter(fmt: str) -> logging.Formatter:
     if fmt == "text":
         return logging.Formatter(TEXT_FORMAT)
     raise ValueError(f"unknown log format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+def format_address(addr) -> str:
+    """``host:port``, ``[v6]:port``, or ``?`` when unknown."""
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

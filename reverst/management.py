@@ -19,6 +19,7 @@ import time
 
 from prometheus_client.exposition import choose_encoder
 
+from .logs import format_address
 from .metrics import RATE_WINDOW, ServerMetrics, smoothed_rtt
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
@@ -96,7 +97,7 @@ class ManagementApp:
                 rtt = smoothed_rtt(conn)
                 connected_at = tunnel.connected_at if tunnel else getattr(conn, "connected_at", now)
                 tunnels.append({
-                    "peer": tunnel.peer if tunnel else _fmt(conn.peer),
+                    "peer": tunnel.peer if tunnel else format_address(conn.peer),
                     "connected_since": _iso(connected_at),
                     "connected_seconds": round(max(0.0, now - connected_at), 1),
                     "requests_served": tunnel.requests if tunnel else 0,
@@ -121,9 +122,9 @@ class ManagementApp:
             "uptime_seconds": round(now - self.started, 1),
             "groups_source": server.groups.source,
             "listeners": {
-                "tunnel_udp": _fmt(server.tunnel_address) if server.ready.is_set() else None,
-                "public_http": _fmt(server.http_address) if server.ready.is_set() else None,
-                "management_http": _fmt(server.management_address) if server.management_address else None,
+                "tunnel_udp": format_address(server.tunnel_address) if server.ready.is_set() else None,
+                "public_http": format_address(server.http_address) if server.ready.is_set() else None,
+                "management_http": format_address(server.management_address) if server.management_address else None,
             },
             "rate_window_seconds": RATE_WINDOW,
             "requests_total": metrics.requests_total,
@@ -145,13 +146,6 @@ def _plain(start_response, status: str, text: str):
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _fmt(addr) -> str:
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 _STYLE = """

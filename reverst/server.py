@@ -23,6 +23,7 @@ from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
 from .http3 import H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
+from .logs import format_address
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -255,14 +256,14 @@ class TunnelServer:
             self._management = gevent.pywsgi.WSGIServer(self._management_bind, ManagementApp(self), log=None,
                                                          error_log=logging.getLogger("reverst.management"))
             self._management.start()
-            logger.info("management on tcp %s", _fmt(self.management_address))
+            logger.info("management on tcp %s", format_address(self.management_address))
         if self.groups_loaded.is_set() and not self.groups.groups:
             logger.warning("no tunnel groups configured in %s", self.groups.source)
         for group in self.groups.groups.values():
             if group.is_open:
                 logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
         logger.info("listening for tunnels on udp %s, public http on tcp %s",
-                    _fmt(self.tunnel_address), _fmt(self.http_address))
+                    format_address(self.tunnel_address), format_address(self.http_address))
         self._trimmer = gevent.spawn(self._trim_memory)
         self.ready.set()
 
@@ -341,7 +342,7 @@ class TunnelServer:
         gevent.spawn(self._register, conn)
 
     def _register(self, conn: Connection) -> None:
-        peer = _fmt(conn.peer)
+        peer = format_address(conn.peer)
         group_name = None
         timed_out = ServerError("registration timed out")  # 0x1: the client may retry
         try:
@@ -413,7 +414,7 @@ class TunnelServer:
         tunnels = self._tunnels.get(getattr(conn, "group", None))
         if tunnels is not None and conn in tunnels.connections:
             tunnels.connections.remove(conn)
-        logger.info("tunnel %s left group %r: %s", _fmt(conn.peer), getattr(conn, "group", None),
+        logger.info("tunnel %s left group %r: %s", format_address(conn.peer), getattr(conn, "group", None),
                     conn.close_reason)
 
     # -- public HTTP ----------------------------------------------------------------------
@@ -488,10 +489,10 @@ class TunnelServer:
             self._finish(stream, pump, slots)
             if not has_body and isinstance(exc, StreamReset) and exc.error_code == H3_REQUEST_REJECTED:
                 logger.debug("%s %s refused by %s (stopping): trying another tunnel", method,
-                             environ["reverst.raw_path"], _fmt(conn.peer))
+                             environ["reverst.raw_path"], format_address(conn.peer))
                 return _REJECTED
             logger.info("%s %s via %s failed before the response: %s", method, environ["reverst.raw_path"],
-                        _fmt(conn.peer), exc)
+                        format_address(conn.peer), exc)
             return self._empty_502(start_response)
         except BaseException:
             self._finish(stream, pump, slots)
@@ -614,10 +615,3 @@ _CANONICAL_EXCEPTIONS = {"etag": "ETag", "www-authenticate": "WWW-Authenticate"}
 def _canonical(name: str) -> str:
     """HTTP/3 names are lower-case; HTTP/1.1 clients expect Canonical-Case."""
     return _CANONICAL_EXCEPTIONS.get(name) or "-".join(p.capitalize() for p in name.split("-"))
-
-
-def _fmt(addr) -> str:
-    if not addr:
-        return "?"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
