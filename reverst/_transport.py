@@ -47,6 +47,16 @@ MAX_DATAGRAM = 65536
 now = time.monotonic
 
 
+def parse_address(value, default_host: str = "0.0.0.0", what: str = "address") -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``:port`` or a (host, port) tuple -> (host, port)."""
+    if isinstance(value, tuple):
+        return value[0], int(value[1])
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid {what} {value!r}: expected host:port")
+    return host.strip("[]") or default_host, int(port)
+
+
 class Endpoint:
     """One UDP socket; many connections (server) or one (client)."""
 

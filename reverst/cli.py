@@ -38,7 +38,7 @@ def _duration(ctx, param, value):
 def _address(ctx, param, value):
     if value is None:
         return None
-    from .server import parse_address
+    from ._transport import parse_address
     try:
         return parse_address(value)
     except ValueError as exc:

@@ -33,15 +33,6 @@ MAX_REQUESTS_PER_CONNECTION = 100
 CHUNK = 64 * 1024
 
 
-def parse_address(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"invalid address {value!r}: expected host:port")
-    host = host.strip("[]") or default_host
-    return host, int(port)
-
-
 def server_configuration(certificate_path: str, private_key_path: str, *, idle_timeout: float,
                          max_datagram_size: int = 1452, window: int = 4 * 1024 * 1024) -> QuicConfiguration:
     cfg = QuicConfiguration(

@@ -19,7 +19,7 @@ import gevent.event
 from aioquic.quic.configuration import QuicConfiguration
 
 from .. import protocol
-from .._transport import Connection, Endpoint
+from .._transport import Connection, Endpoint, parse_address
 from ..auth import basic_authorization, bearer_authorization
 from ..errors import (BadRequest, ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
                       ServerError, Unauthorized)
@@ -56,15 +56,6 @@ class BearerAuth:
         return f"BearerAuth(token='***', scheme={self.scheme!r})"
 
 
-def _split_address(address) -> tuple[str, int]:
-    if isinstance(address, tuple):
-        return address[0], int(address[1])
-    host, sep, port = str(address).rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"invalid tunnel address {address!r}: expected host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 #: :attr:`Client.state` values
 CONNECTING, CONNECTED, RECONNECTING, STOPPED = "connecting", "connected", "reconnecting", "stopped"
 
@@ -95,7 +86,7 @@ class Client:
         if connections < 1:
             raise ValueError("connections must be at least 1")
         self.app = app
-        self.host, self.port = _split_address(tunnel_address)
+        self.host, self.port = parse_address(tunnel_address, "127.0.0.1", "tunnel address")
         self.tunnel_group = tunnel_group
         self.server_name = server_name or self.host
         self.auth = auth
