@@ -94,6 +94,57 @@ class Proc:
                 self.popen.wait(5)
 
 
+class Profiler:
+    """py-spy (``pip install py-spy``) on some processes while a case runs: raw stacks in
+    ``<dir>/<case>-<proc>.txt`` and the functions with the most samples printed."""
+
+    def __init__(self, directory, case, procs, duration):
+        self.directory, self.case, self.procs, self.duration = directory, case, procs, duration
+        self.spies = []
+
+    def __enter__(self):
+        if self.directory is None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", self.case.lower()).strip("-")
+        for p in self.procs:
+            out = self.directory / f"{slug}-{p.name}.txt"
+            self.spies.append((p.name, out, subprocess.Popen(
+                ["py-spy", "record", "-p", str(p.popen.pid), "-d", str(self.duration), "-r", "100", "--gil",
+                 "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        return self
+
+    def __exit__(self, *exc):
+        for name, out, spy in self.spies:
+            try:
+                spy.wait(self.duration + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+            if out.exists():
+                print(f"  profile {name}: {summarize(out)}", flush=True)
+
+
+def summarize(path, top=8) -> str:
+    """The files and functions with the most self samples in a py-spy raw (collapsed) file."""
+    own, files, total = {}, {}, 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        leaf = re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", leaf)
+        own[leaf] = own.get(leaf, 0) + int(count)
+        file = leaf.rpartition(" (")[2].rstrip(")") or "?"
+        files[file] = files.get(file, 0) + int(count)
+        total += int(count)
+    if not total:
+        return "no samples"
+
+    def share(d):
+        return ", ".join(f"{100 * n / total:.0f}% {k}" for k, n in sorted(d.items(), key=lambda kv: -kv[1])[:top])
+    return f"files: {share(files)}\n    functions: {share(own)}"
+
+
 class Sampler:
     """Peak RSS of some processes while a case runs."""
 
@@ -219,7 +270,11 @@ def main():
     parser.add_argument("--idle", type=int, default=1000, help="idle tunnel connections (0: skip)")
     parser.add_argument("--datagram-size", type=int, default=1452,
                         help="--max-datagram-size for reverstd and the clients (loopback allows up to 16000)")
+    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                        help="record py-spy profiles of reverstd and the client per case into DIR")
     args = parser.parse_args()
+    if args.profile and not shutil.which("py-spy"):
+        sys.exit("--profile needs py-spy: pip install py-spy")
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
 
@@ -294,7 +349,8 @@ def main():
             if base["errors"]:
                 raise RuntimeError(f"{name}: the backend itself answered {base['errors']} errors")
             for client, host in ((expose, "bench.expose"), (wsgi, "bench.wsgi")):
-                with Sampler([server, client]) as s:
+                with Sampler([server, client]) as s, \
+                        Profiler(args.profile, f"{name} {client.name}", [server, client], args.duration):
                     res = wrk(public + path, conns, args.duration, host=host, script=script)
                 row = {
                     "case": name, "client": client.name,
