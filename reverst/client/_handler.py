@@ -16,7 +16,6 @@ from typing import Callable
 
 import gevent
 import gevent.event
-import gevent.threadpool
 from aioquic.h3.connection import ProtocolError as H3ProtocolError
 from aioquic.h3.exceptions import H3Error
 from gevent import monkey
@@ -28,6 +27,55 @@ from ..wsgi import WSGIInput, make_environ, response_headers, status_has_body
 
 logger = logging.getLogger("reverst.client")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_SimpleQueue = monkey.get_original("_queue", "SimpleQueue")
+
+
+class _Workers:
+    """Native threads that run submitted calls, started as needed up to ``size``; calls
+    beyond that wait in line.  Leaner than ``gevent.threadpool.ThreadPool``, which makes a
+    result object and a libev watcher per task (its bookkeeping was ~15% of a tunnel
+    client's CPU on small requests): here a submit is one put on a C queue, and callers
+    report completion themselves through :class:`_ThreadBridge`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._queue = _SimpleQueue()
+        self._lock = _allocate_lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._queue.put((fn, args))
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # that worker is taken by this call
+                return
+            if self._threads >= self.size:
+                return
+            self._threads += 1
+        _start_thread(self._work, ())
+
+    def close(self) -> None:
+        """Workers exit once the calls already submitted have run."""
+        with self._lock:
+            threads, self._threads = self._threads, 0
+        for _ in range(threads):
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 (a worker must survive whatever it ran)
+                logger.exception("worker call %r failed", fn)
+            with self._lock:
+                self._idle += 1
 
 
 class _ThreadBridge:
@@ -92,7 +140,7 @@ class WSGIHandler:
 
     def __init__(self, app, *, threads: int = 100) -> None:
         self.app = app
-        self._pool = gevent.threadpool.ThreadPool(threads) if threads > 0 else None
+        self._pool = _Workers(threads) if threads > 0 else None
         self._bridge = _ThreadBridge() if threads > 0 else _DirectBridge()
         self.active = 0
         #: False while stopping: new requests are refused (H3_REQUEST_REJECTED)
@@ -106,14 +154,14 @@ class WSGIHandler:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.kill()
+            self._pool.close()
 
     def _serve(self, stream: H3Stream) -> None:
         self.active += 1
         try:
             if self._pool is not None:
                 done = gevent.event.Event()
-                self._pool.spawn(self._run_in_thread, stream, done)
+                self._pool.submit(self._run_in_thread, stream, done)
                 done.wait()
             else:
                 self._run(stream)
