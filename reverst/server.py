@@ -9,16 +9,16 @@ from __future__ import annotations
 import hashlib
 import http
 import logging
-import socket
 
 import gevent
 import gevent.event
 import gevent.lock
 import gevent.pywsgi
 import gevent.queue
+import gevent.server
 from aioquic.quic.configuration import QuicConfiguration
 
-from . import auth, protocol
+from . import auth, http1, protocol
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
@@ -69,117 +69,6 @@ class _UpstreamAborted(Exception):
     """The tunnel stream broke after the public response started: cut the connection."""
 
 
-class _Handler(gevent.pywsgi.WSGIHandler):
-    def handle(self):
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        super().handle()
-
-    def MessageClass(self, fp, *args):  # noqa: N802 (pywsgi's name)
-        return _RequestHeaders(fp)
-
-    def get_environ(self):
-        env = super().get_environ()
-        env["reverst.raw_path"] = self.path
-        env["reverst.headers"] = self.headers.fields
-        return env
-
-    def _write_with_headers(self, data):
-        # One send for the status line, headers and the first chunk (pywsgi makes two,
-        # which with TCP_NODELAY costs a packet and a wake-up per response).
-        self.headers_sent = True
-        self.finalize_headers()
-        out = bytearray(b"HTTP/1.1 ")
-        out += self.status
-        out += b"\r\n"
-        for header, value in self.response_headers:
-            out += header + b": " + value + b"\r\n"
-        out += b"\r\n"
-        if data:
-            if self.response_use_chunked:
-                out += b"%x\r\n" % len(data) + data + b"\r\n"
-            else:
-                out += data
-        self._sendall(out)
-
-    def handle_error(self, t, v, tb):
-        if isinstance(v, _UpstreamAborted):
-            logger.info("%s %s: tunnel stream aborted mid-response: %s", self.command, self.path, v)
-            self.close_connection = True
-            return
-        super().handle_error(t, v, tb)
-
-
-class _RequestHeaders:
-    """The request header block, parsed strictly for pywsgi.
-
-    pywsgi's default (``http.client`` / ``email.parser``) is lenient in ways a proxy must
-    not be: ``Host : x`` (whitespace before the colon, a request-smuggling vector that
-    RFC 9112 §5.1 says to reject) is accepted, a line without a colon silently ends the
-    headers, and folded values keep their CRLF, which HTTP/3 peers then refuse.  Here a
-    malformed block sets ``status`` (pywsgi answers 400); folding is joined with a space;
-    repeated fields stay separate, in order, in ``fields``.
-    """
-
-    __slots__ = ("fields", "status")
-    MAX_LINE = 65536
-    MAX_FIELDS = 100
-
-    def __init__(self, fp) -> None:
-        self.fields: list[tuple[str, str]] = []
-        self.status = ""
-        while True:
-            line = fp.readline(self.MAX_LINE + 1)
-            if len(line) > self.MAX_LINE:
-                self.status = "Line too long"
-                return
-            if line in (b"\r\n", b"\n", b""):
-                return
-            if len(self.fields) >= self.MAX_FIELDS:
-                self.status = "Too many headers"
-                return
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t"):  # obsolete line folding
-                if not self.fields:
-                    self.status = "Invalid header continuation"
-                    return
-                name, value = self.fields[-1]
-                self.fields[-1] = (name, f"{value} {text.strip()}")
-                continue
-            name, sep, value = text.partition(":")
-            if not sep or not name or name != name.strip():
-                self.status = "Invalid header line"
-                return
-            self.fields.append((name, value.strip()))
-
-    def get(self, name: str, default=None):
-        low = name.lower()
-        for key, value in self.fields:
-            if key.lower() == low:
-                return value
-        return default
-
-    getheader = get
-
-    def __contains__(self, name: str) -> bool:
-        return self.get(name) is not None
-
-    def __delitem__(self, name: str) -> None:
-        low = name.lower()
-        self.fields = [(k, v) for k, v in self.fields if k.lower() != low]
-
-    @property
-    def typeheader(self):
-        return self.get("content-type")
-
-    @property
-    def headers(self) -> list[str]:
-        """Raw lines, as pywsgi builds the WSGI environ from them."""
-        return [f"{k}: {v}\r\n" for k, v in self.fields]
-
-
 def _status_line(code: int) -> str:
     try:
         return f"{code} {http.HTTPStatus(code).phrase}"
@@ -220,7 +109,7 @@ class TunnelServer:
         self._tunnels: dict[str, _Tunnels] = {}
         self._slots: dict[Connection, gevent.lock.BoundedSemaphore] = {}
         self._endpoint: Endpoint | None = None
-        self._http: gevent.pywsgi.WSGIServer | None = None
+        self._http: gevent.server.StreamServer | None = None
         self._management: gevent.pywsgi.WSGIServer | None = None
         self._stopped = gevent.event.Event()
         self._registered_total = 0
@@ -238,9 +127,9 @@ class TunnelServer:
                                        on_connection=self._on_connection,
                                        connection_options=self._conn_options)
         self._endpoint.start()
-        self._http = gevent.pywsgi.WSGIServer(
-            self._http_bind, self.metrics.observe(self._proxy, access_log=self.access_log), handler_class=_Handler,
-            spawn=self.metrics.public_connections, log=None, error_log=logging.getLogger("reverst.server.http"))
+        self._http = gevent.server.StreamServer(
+            self._http_bind, http1.handle(self.metrics.observe(self._proxy, access_log=self.access_log)),
+            spawn=self.metrics.public_connections)
         self._http.start()
         if self._management_bind is not None:
             from .management import ManagementApp
@@ -476,7 +365,7 @@ class TunnelServer:
                 pump.join(1)
                 if isinstance(pump.value, Exception):  # the public request itself was bad:
                     self._finish(stream, pump, slots)
-                    raise pump.value  # pywsgi answers it (400), no second response from us
+                    raise pump.value  # the front answers it (400), no second response from us
             self._finish(stream, pump, slots)
             if not has_body and isinstance(exc, StreamReset) and exc.error_code == H3_REQUEST_REJECTED:
                 logger.debug("%s %s refused by %s (stopping): trying another tunnel", method,
