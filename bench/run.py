@@ -234,7 +234,7 @@ import sys
 from reverst.client import serve, BasicAuth
 exec({BACKEND_APP.split("class Handler")[0]!r})
 serve(app, sys.argv[1], tunnel_group="bench.wsgi", server_name="localhost", ca_file=sys.argv[2],
-      auth=BasicAuth("bench", "bench"), max_datagram_size=int(sys.argv[3]),
+      auth=BasicAuth("bench", "bench"), max_datagram_size=int(sys.argv[3]), app_threads=int(sys.argv[4]),
       on_ready=lambda c: print("ready", file=sys.stderr, flush=True))
 '''
 
@@ -270,6 +270,8 @@ def main():
     parser.add_argument("--idle", type=int, default=1000, help="idle tunnel connections (0: skip)")
     parser.add_argument("--datagram-size", type=int, default=1452,
                         help="--max-datagram-size for reverstd and the clients (loopback allows up to 16000)")
+    parser.add_argument("--app-threads", type=int, default=100,
+                        help="app_threads of the WSGI client (0: the app runs in greenlets)")
     parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                         help="record py-spy profiles of reverstd and the client per case into DIR")
     args = parser.parse_args()
@@ -324,7 +326,8 @@ def main():
                                  "--max-datagram-size", str(args.datagram_size), str(backend_port)])
         procs.append(expose)
         expose.wait_for("reachable through")
-        wsgi = Proc("wsgi", [sys.executable, "-c", WSGI_APP, tunnel, str(cert), str(args.datagram_size)])
+        wsgi = Proc("wsgi", [sys.executable, "-c", WSGI_APP, tunnel, str(cert), str(args.datagram_size),
+                             str(args.app_threads)])
         procs.append(wsgi)
         wsgi.wait_for("ready")
 

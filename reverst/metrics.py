@@ -112,6 +112,9 @@ class TunnelStats:
 class GroupStats:
     requests: int = 0
     rate: RateWindow = field(default_factory=RateWindow)
+    #: this group's children of the bytes counters (looking them up costs a lock each time)
+    bytes_out: object = None
+    bytes_in: object = None
 
 
 class ServerMetrics:
@@ -201,7 +204,9 @@ class ServerMetrics:
     def group_stats(self, name: str) -> GroupStats:
         stats = self.groups.get(name)
         if stats is None:
-            stats = self.groups[name] = GroupStats(rate=RateWindow(clock=self.clock))
+            stats = self.groups[name] = GroupStats(rate=RateWindow(clock=self.clock),
+                                                   bytes_out=self.bytes_out.labels(name),
+                                                   bytes_in=self.bytes_in.labels(name))
         return stats
 
     # -- public requests ---------------------------------------------------------------------
@@ -228,9 +233,9 @@ class ServerMetrics:
             stats.requests += 1
             stats.rate.add()
             if sent:
-                self.bytes_out.labels(group).inc(sent)
+                stats.bytes_out.inc(sent)
             if received:
-                self.bytes_in.labels(group).inc(received)
+                stats.bytes_in.inc(received)
         conn = environ.get("reverst.tunnel")
         tunnel = self.tunnels.get(conn) if conn is not None else None
         if tunnel is not None:

@@ -122,19 +122,24 @@ class TunnelQuicConnection(QuicConnection):
         return sender._buffer_stop - sender._buffer_start
 
     def _write_stream_limits(self, builder, space, stream) -> None:
-        if stream.max_stream_data_local:
-            receiver = stream.receiver
-            target = receiver.highest_offset - self._held.get(stream.stream_id, 0) + self._stream_window
-            if target - stream.max_stream_data_local >= self._stream_window // 2:
-                stream.max_stream_data_local = target
-            # Hide the received offset from aioquic's "double the window" rule.
-            saved, receiver.highest_offset = receiver.highest_offset, 0
-            try:
-                super()._write_stream_limits(builder, space, stream)
-            finally:
-                receiver.highest_offset = saved
-        else:
+        # Called for every stream in every packet built: return early when there is
+        # nothing to announce (most calls).
+        local = stream.max_stream_data_local
+        if not local:  # a locally opened unidirectional stream: nothing to receive
+            return
+        receiver = stream.receiver
+        window = self._stream_window
+        target = receiver.highest_offset - self._held.get(stream.stream_id, 0) + window
+        if target - local >= window // 2:
+            stream.max_stream_data_local = local = target
+        if stream.max_stream_data_local_sent == local:
+            return
+        # Hide the received offset from aioquic's "double the window" rule.
+        saved, receiver.highest_offset = receiver.highest_offset, 0
+        try:
             super()._write_stream_limits(builder, space, stream)
+        finally:
+            receiver.highest_offset = saved
 
     def _write_connection_limits(self, builder, space) -> None:
         limit = self._local_max_data
@@ -176,8 +181,11 @@ class TunnelQuicConnection(QuicConnection):
         if len(data) < 21 or data[0] & 0x80 or not self._handshake_complete:
             return False
         tail = data[-16:]
-        tokens = [c.stateless_reset_token for c in [self._peer_cid, *self._peer_cid_available]]
-        return any(t and hmac.compare_digest(t, tail) for t in tokens)
+        token = self._peer_cid.stateless_reset_token
+        if token and hmac.compare_digest(token, tail):
+            return True
+        return any(c.stateless_reset_token and hmac.compare_digest(c.stateless_reset_token, tail)
+                   for c in self._peer_cid_available)
 
     def receive_datagram(self, data: bytes, addr, now: float) -> None:
         if self._state not in END_STATES and self._is_stateless_reset(data):
