@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from typing import Callable
 
 import gevent
@@ -28,54 +29,73 @@ from ..wsgi import WSGIInput, make_environ, response_headers, status_has_body
 logger = logging.getLogger("reverst.client")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 _start_thread = monkey.get_original("_thread", "start_new_thread")
-_SimpleQueue = monkey.get_original("_queue", "SimpleQueue")
 
 
 class _Workers:
     """Native threads that run submitted calls, started as needed up to ``size``; calls
-    beyond that wait in line.  Leaner than ``gevent.threadpool.ThreadPool``, which makes a
-    result object and a libev watcher per task (its bookkeeping was ~15% of a tunnel
-    client's CPU on small requests): here a submit is one put on a C queue, and callers
-    report completion themselves through :class:`_ThreadBridge`."""
+    beyond that wait in line.
+
+    Leaner than ``gevent.threadpool.ThreadPool``, which makes a result object and a libev
+    watcher per task (its bookkeeping was ~15% of a tunnel client's CPU on small
+    requests): callers report completion themselves through :class:`_ThreadBridge`.
+    Idle workers are reused last-in first-out, so light traffic keeps running on one
+    warm thread (its stack, cache and malloc arena) instead of cycling through them all.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._queue = _SimpleQueue()
         self._lock = _allocate_lock()
+        self._idle: list[list] = []        # [wake lock, task] of idle workers, a stack
+        self._backlog: deque = deque()     # calls waiting for a worker
         self._threads = 0
-        self._idle = 0
+        self._closed = False
 
     def submit(self, fn: Callable, *args) -> None:
-        self._queue.put((fn, args))
         with self._lock:
-            if self._idle > 0:
-                self._idle -= 1  # that worker is taken by this call
+            if self._idle:
+                worker = self._idle.pop()
+            elif self._threads < self.size:
+                self._threads += 1
+                worker = None
+            else:
+                self._backlog.append((fn, args))
                 return
-            if self._threads >= self.size:
-                return
-            self._threads += 1
-        _start_thread(self._work, ())
+        if worker is None:
+            _start_thread(self._work, ((fn, args),))
+        else:
+            worker[1] = (fn, args)
+            worker[0].release()
 
     def close(self) -> None:
-        """Workers exit once the calls already submitted have run."""
+        """Idle workers exit now, busy ones after their call (the backlog still runs)."""
         with self._lock:
-            threads, self._threads = self._threads, 0
-        for _ in range(threads):
-            self._queue.put(None)
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker[1] = None
+            worker[0].release()
 
-    def _work(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            fn, args = item
+    def _work(self, task) -> None:
+        me = [_allocate_lock(), None]
+        me[0].acquire()
+        while task is not None:
+            fn, args = task
             try:
                 fn(*args)
             except BaseException:  # noqa: BLE001 (a worker must survive whatever it ran)
                 logger.exception("worker call %r failed", fn)
             with self._lock:
-                self._idle += 1
+                if self._backlog:
+                    task = self._backlog.popleft()
+                    continue
+                if self._closed:
+                    self._threads -= 1
+                    return
+                self._idle.append(me)
+            me[0].acquire()  # until submit() or close() hands over the next task
+            task = me[1]
+        with self._lock:
+            self._threads -= 1
 
 
 class _ThreadBridge:
