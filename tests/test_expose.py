@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import http.server
+import io
 import json
 import os
 import re
@@ -22,6 +24,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+
+from reverst.proxy import LocalProxy
+from reverst.wsgi import make_environ
 
 from .conftest import READY_SERVER, Proc
 
@@ -113,6 +118,27 @@ class LocalHandler(http.server.BaseHTTPRequestHandler):
             seconds = float(query.get("s", ["1"])[0])
             time.sleep(seconds)
             self._send(200, f"slept {seconds:g}".encode())
+        elif path == "/close-delimited":  # no Content-Length, not chunked: the body ends at EOF
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until ")
+            self.wfile.flush()
+            time.sleep(0.2)
+            self.wfile.write(b"the end")
+            self.close_connection = True
+        elif path == "/broken":  # promises 100 bytes, sends 10, closes
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            time.sleep(0.5)  # the status is public by then: only a cut can tell
+            self.close_connection = True
+        elif path == "/early-hints":  # an interim 103 before the response
+            self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+            self._send(200, b"after the hints")
         else:
             self._send(404, f"no route {path}".encode())
 
@@ -131,22 +157,38 @@ class LocalHandler(http.server.BaseHTTPRequestHandler):
 
 class LocalServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    connections = 0  # TCP connections accepted (keep-alive reuse shows as few)
+
+    def process_request(self, request, client_address):
+        self.connections += 1
+        super().process_request(request, client_address)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):  # e.g. the proxy gave up (504)
             super().handle_error(request, client_address)
 
 
+@contextlib.contextmanager
+def local_server(handler=LocalHandler, tls=None):
+    """A :class:`LocalServer` in a daemon thread (``tls``: an ``ssl.SSLContext``)."""
+    srv = LocalServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
 @pytest.fixture
 def local():
     """The local HTTP service on 127.0.0.1:<ephemeral>; yields its port."""
-    srv = LocalServer(("127.0.0.1", 0), LocalHandler)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    with local_server() as srv:
+        yield srv.server_address[1]
 
 
 def free_tcp_port() -> int:
@@ -494,3 +536,206 @@ def test_four_connections_register_and_share_the_requests(local, expose, server)
     assert len(per_conn) == 4, per_conn
     assert sorted(per_conn.values()) == [5, 5, 5, 5]  # round-robin
 
+
+
+# -- the HTTP/1.1 client to the local service ----------------------------------------------------
+class ShortIdleHandler(LocalHandler):
+    timeout = 0.3  # closes a keep-alive connection idle for 0.3 s, as nginx does after 75 s
+
+
+def test_stale_keep_alive_connection_is_retried_or_checked(expose, server):
+    with local_server(ShortIdleHandler) as srv:
+        p = expose(srv.server_address[1])
+        assert get(server, "/hello").text == "Hello, local!"
+        time.sleep(1)  # the local service closes the idle pooled connection
+        assert get(server, "/hello").text == "Hello, local!"  # send or read fails: retried once
+        p.wait_for(r"kept-alive connection to 127\.0\.0\.1:\d+ was closed .*; retrying on a new one")
+        time.sleep(1)
+        # A body is not replayed: the idle connection is checked (and dropped) before use.
+        r = requests.post(server.url("/upload"), headers=H, data=b"x" * 1000, timeout=10)
+        assert (r.status_code, r.json()["size"]) == (200, 1000)
+        assert srv.connections == 3
+
+
+def test_one_connection_kept_alive_across_head_get_and_posts(expose, server):
+    with local_server() as srv:
+        expose(srv.server_address[1])
+        for _ in range(3):
+            r = requests.head(server.url("/hello"), headers=H, timeout=10)
+            assert r.headers["Content-Length"] == "13"
+            assert get(server, "/hello").text == "Hello, local!"
+            r = requests.post(server.url("/upload"), headers=H, data=b"abc", timeout=10)
+            assert (r.json()["size"], r.json()["content_length"]) == (3, "3")
+            r = requests.post(server.url("/upload"), headers=H, data=iter([b"a", b"bc"]), timeout=10)
+            assert (r.json()["size"], r.json()["transfer_encoding"]) == (3, "chunked")
+        assert srv.connections == 1
+
+
+def test_close_delimited_response_is_read_until_eof(exposed):
+    r = get(exposed, "/close-delimited")
+    assert (r.status_code, r.text) == (200, "until the end")
+    assert get(exposed, "/hello").text == "Hello, local!"  # that connection was not pooled
+
+
+def test_interim_103_is_skipped(exposed):
+    r = get(exposed, "/early-hints")
+    assert (r.status_code, r.text) == (200, "after the hints")
+    assert get(exposed, "/hello").text == "Hello, local!"
+
+
+def test_response_broken_off_mid_body_is_cut_and_logged(local, expose, server):
+    p = expose(local)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        get(server, "/broken").content
+    p.wait_for(r"local service broke off the response")
+    assert get(server, "/hello").text == "Hello, local!"
+
+
+def test_https_local_service_verified_then_insecure(expose, server, certs):
+    """The certificate of the local service is signed by the test CA, which `expose`
+    does not trust: 502 unless --local-insecure."""
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certs["cert"], certs["key"])
+    with local_server(tls=tls) as srv:
+        url = f"https://127.0.0.1:{srv.server_address[1]}"
+        p = expose(url)
+        r = get(server, "/hello")
+        assert r.status_code == 502
+        assert r.text == f"reverst: local service {url} failed: SSLError\n"
+        p.stop()
+        expose(url, extra=["--local-insecure"])
+        for _ in range(2):
+            r = get(server, "/hello")
+            assert (r.status_code, r.text) == (200, "Hello, local!")
+        assert get(server, "/sse").text == "data: first\n\ndata: second\n\n"
+        assert srv.connections == 1  # kept alive (the refused handshake never reached a handler)
+
+
+# -- LocalProxy in this process: native threads, no gevent ---------------------------------------
+def call(proxy, method, path, body=None, headers=()):
+    """Run ``proxy`` as a WSGI server would; returns (status, headers, body)."""
+    fields = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", b"app.test"),
+              (b":path", path.encode())] + [(k.encode(), v.encode()) for k, v in headers]
+    if body is not None:
+        fields.append((b"content-length", str(len(body)).encode()))
+    environ = make_environ(fields, io.BytesIO(body or b""), peer=("127.0.0.1", 1))
+    out = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        out["status"], out["headers"] = status, response_headers
+    result = proxy(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        getattr(result, "close", lambda: None)()
+    return out["status"], out["headers"], data
+
+
+def test_in_threads_connections_are_pooled_and_bounded():
+    with local_server() as srv:
+        proxy = LocalProxy(str(srv.server_address[1]), pool_size=2)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: call(proxy, "GET", f"/slow?s=0.2&i={i}"), range(8)))
+        assert [r[2] for r in results] == [b"slept 0.2"] * 8
+        assert srv.connections == 8  # all at once: 8 connections...
+        assert len(proxy._pool._idle) == 2  # ...of which 2 are kept
+        for _ in range(5):
+            assert call(proxy, "GET", "/hello")[2] == b"Hello, local!"
+        assert srv.connections == 8
+        proxy.close()
+
+
+def test_in_threads_head_prefix_and_unsafe_target():
+    with local_server() as srv:
+        proxy = LocalProxy(f"http://127.0.0.1:{srv.server_address[1]}/prefix")
+        status, headers, body = call(proxy, "HEAD", "/hello")
+        assert (status, body) == ("200 OK", b"")
+        assert ("Content-Length", str(len("prefixed /prefix/hello"))) in headers
+        status, headers, body = call(proxy, "GET", "/a b?q=1")  # a space is %-encoded
+        assert (status, body) == ("200 OK", b"prefixed /prefix/a%20b?q=1")
+        assert srv.connections == 1  # kept alive after the HEAD response (llhttp was told)
+        proxy.close()
+
+
+@contextlib.contextmanager
+def scripted_server(responses: list[bytes]):
+    """A raw HTTP/1.1 server: answers the n-th request (on any connection) with
+    ``responses[n]``, then keeps the connection open (closes it after an ``HTTP/1.0`` one);
+    yields its port and the list of requests received, as (connection number, head)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[tuple[int, bytes]] = []
+
+    def serve(conn, number):
+        with conn:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                seen.append((number, head))
+                response = responses[len(seen) - 1]
+                conn.sendall(response)
+                if response.startswith(b"HTTP/1.0"):
+                    return
+
+    def accept():
+        number = 0
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.settimeout(10)
+            number += 1
+            threading.Thread(target=serve, args=(conn, number), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        listener.close()
+
+
+def test_in_threads_odd_responses():
+    responses = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHEAD!",  # a body after HEAD: not reused
+        b"HTTP/1.0 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nuntil EOF",  # close-delimited
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nConnection: keep-alive, X-Hop\r\n"
+        b"X-Hop: 1\r\nX-Kept: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF, accepted as http.client did
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Bad\r\n\r\n",  # malformed
+    ]
+    with scripted_server(responses) as (port, seen):
+        proxy = LocalProxy(str(port), timeout=5)
+        assert call(proxy, "HEAD", "/")[::2] == ("200 OK", b"")
+        status, headers, body = call(proxy, "GET", "/")
+        assert (status, body) == ("200 OK", b"until EOF")
+        assert headers == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+        status, headers, body = call(proxy, "GET", "/")
+        assert (status, headers, body) == ("204 No Content", [("X-Kept", "2")], b"")
+        assert call(proxy, "GET", "/")[::2] == ("200 OK", b"ok")
+        assert call(proxy, "GET", "/")[::2] == ("304 Not Modified", b"")
+        assert call(proxy, "GET", "/")[::2] == ("200 OK", b"abc")
+        status, _, body = call(proxy, "GET", "/")
+        assert status == "502 Bad Gateway"
+        assert body == f"reverst: local service {proxy.target} failed: ProtocolError\n".encode()
+        assert [number for number, _ in seen] == [1, 2, 3, 3, 3, 3, 3]
+        proxy.close()
+
+
+def test_in_threads_local_service_down_and_timeout():
+    proxy = LocalProxy(str(free_tcp_port()), timeout=0.5)
+    status, _, body = call(proxy, "GET", "/")
+    assert status == "502 Bad Gateway" and b"refused the connection" in body
+    with local_server() as srv:
+        proxy = LocalProxy(str(srv.server_address[1]), timeout=0.5)
+        start = time.monotonic()
+        status, _, body = call(proxy, "GET", "/slow?s=2")
+        assert status == "504 Gateway Timeout" and b"timed out" in body
+        assert time.monotonic() - start < 1.5
