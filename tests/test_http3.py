@@ -363,3 +363,28 @@ def test_connection_named_fields_are_case_insensitive_and_repeatable():
         "x-a", "x-b", "x-c"}
     assert strip_hop_by_hop(headers) == [("x-d", "4")]
     assert strip_hop_by_hop([]) == []
+
+
+def test_one_request_in_flight_costs_one_datagram_each_way(pair):
+    """ACKs ride on the next request or response (not alone), and no QPACK dynamic table
+    means no decoder-stream acknowledgement per request: 2 datagrams per exchange."""
+    link = pair.link
+    assert pair.client_h3.sent_settings[0x1] == 0  # QPACK_MAX_TABLE_CAPACITY
+    before = dict(link.sent)
+    for n in range(20):
+        sid = pair.server.get_next_available_stream_id()
+        pair.server_h3.send_headers(sid, request_headers(path=b"/r%d" % n, extra=[(b"user-agent", b"t")]),
+                                    end_stream=True)
+        link.exchange()
+        link.now += 0.0004  # well within the ACK delay
+        assert message(pair.cli.take(sid))[2]
+        pair.client_h3.send_headers(sid, [(b":status", b"200"), (b"content-length", b"2")])
+        pair.client_h3.send_data(sid, b"ok", end_stream=True)
+        link.exchange()
+        link.now += 0.0004
+        assert message(pair.srv.take(sid))[1] == b"ok"
+    assert link.sent[pair.server] - before[pair.server] == 20
+    assert link.sent[pair.client] - before[pair.client] == 20
+    # and the ACKs did arrive: only the last exchange's packets are unacknowledged
+    for conn in (pair.server, pair.client):
+        assert sum(len(space.sent_packets) for space in conn._loss.spaces) <= 1

@@ -143,6 +143,25 @@ class _DirectBridge:
     post = call
 
 
+def _respond(stream: H3Stream, fields, data: bytes, end: bool, done=None) -> None:
+    """Headers, a first piece of the body and possibly the end, as one hub operation: a
+    worker's separate posts can each wake the hub and leave in a packet of their own."""
+    try:
+        stream.send_headers(fields, end and not data)
+        if data:
+            stream.queue(data, end)
+    finally:
+        if done is not None:
+            done.set()
+
+
+def _end(stream: H3Stream, done) -> None:
+    try:
+        stream.close()
+    finally:
+        done.set()
+
+
 def _quietly(fn: Callable, *args) -> None:
     # A posted write to a stream the peer reset: the worker learns it at its next call.
     try:
@@ -192,13 +211,16 @@ class WSGIHandler:
             stream.finish()
 
     def _run_in_thread(self, stream: H3Stream, done: gevent.event.Event) -> None:
+        told = False
         try:
-            self._run(stream)
-        finally:  # posted, so it runs after every operation the request posted
-            self._bridge.post(done.set)
+            told = self._run(stream, done)
+        finally:
+            if not told:  # posted, so it runs after every operation the request posted
+                self._bridge.post(done.set)
 
-    def _run(self, stream: H3Stream) -> None:
-        """Run the app for one request (in a worker thread or a greenlet)."""
+    def _run(self, stream: H3Stream, done=None) -> bool:
+        """Run the app for one request (in a worker thread or a greenlet).  True if its
+        last posted operation also sets ``done``."""
         call, post = self._bridge.call, self._bridge.post
         environ = make_environ(stream.headers, WSGIInput(lambda n: call(stream.read, n)),
                                peer=stream.conn.peer)
@@ -206,13 +228,21 @@ class WSGIHandler:
         state = {"status": None, "headers": None, "sent": False, "body": True, "posted": 0, "bytes": 0}
         started = time.monotonic()
 
-        def send_headers(end: bool, data: bytes = b"") -> None:
+        def send_headers(end: bool, data: bytes = b"", finished=None) -> bool:
+            """Post the headers with the start of the body; True if that operation also
+            ends the response and sets ``finished``."""
             fields = response_headers(state["status"], state["headers"])
             state["sent"] = True
             state["body"] = status_has_body(int(fields[0][1]), method)
-            post(stream.send_headers, fields, end and not (data and state["body"]))
-            if data and state["body"]:
-                send(data, end)
+            if not state["body"]:
+                data = b""
+            whole = len(data) <= POST_LIMIT
+            post(_respond, stream, fields, data[:POST_LIMIT], end and whole, finished if whole else None)
+            state["posted"] += min(len(data), POST_LIMIT)
+            state["bytes"] += min(len(data), POST_LIMIT)
+            if not whole:
+                send(data[POST_LIMIT:], end)
+            return whole and finished is not None
 
         def send(data: bytes, end: bool = False) -> None:
             for start in range(0, len(data), POST_LIMIT):  # big chunks go in bounded pieces
@@ -245,19 +275,30 @@ class WSGIHandler:
             state["status"], state["headers"] = status, list(headers)
             return write
 
+        told = False      # the last operation posted also sets ``done``
+        completed = False  # the end of the response is posted already
         try:
-            result = self.app(environ, start_response)
-            if isinstance(result, (list, tuple)) and state["status"] is not None and not any(
-                    k.lower() == "content-length" for k, _ in state["headers"]):
-                state["headers"].append(("Content-Length", str(sum(len(c) for c in result))))
+            result = chunks = self.app(environ, start_response)
+            if isinstance(result, (list, tuple)) and state["status"] is not None and not state["sent"]:
+                if not any(k.lower() == "content-length" for k, _ in state["headers"]):
+                    state["headers"].append(("Content-Length", str(sum(len(c) for c in result))))
+                # The whole response is known: headers, body and end in one operation.
+                chunks = ()
+                told = send_headers(True, b"".join(result), done)
+                completed = True
             try:
-                for chunk in result:
+                for chunk in chunks:
                     if chunk:
                         write(chunk)
-                if not state["sent"]:
+                if completed:
+                    pass
+                elif not state["sent"]:
                     if state["status"] is None:
                         raise AssertionError("the application did not call start_response()")
-                    send_headers(True)
+                    told = send_headers(True, b"", done)
+                elif done is not None:
+                    post(_end, stream, done)
+                    told = True
                 else:
                     post(stream.close)
             finally:
@@ -284,3 +325,4 @@ class WSGIHandler:
                              environ.get("REQUEST_URI", "").split("?", 1)[0],
                              (state["status"] or "no response").split(" ", 1)[0], state["bytes"],
                              (time.monotonic() - started) * 1000)
+        return told
