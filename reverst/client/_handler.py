@@ -241,11 +241,11 @@ class WSGIHandler:
             state["posted"] += min(len(data), POST_LIMIT)
             state["bytes"] += min(len(data), POST_LIMIT)
             if not whole:
-                send(data[POST_LIMIT:], end)
+                send(data, end, offset=POST_LIMIT)  # (no copy of the rest of a big body)
             return whole and finished is not None
 
-        def send(data: bytes, end: bool = False) -> None:
-            for start in range(0, len(data), POST_LIMIT):  # big chunks go in bounded pieces
+        def send(data: bytes, end: bool = False, offset: int = 0) -> None:
+            for start in range(offset, len(data), POST_LIMIT):  # big chunks go in bounded pieces
                 piece = data[start:start + POST_LIMIT]
                 post(stream.queue, piece, end and start + POST_LIMIT >= len(data))
                 state["posted"] += len(piece)
