@@ -6,6 +6,7 @@ stream -> the tunnel client's response streamed back.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http
 import logging
@@ -492,6 +493,7 @@ class TunnelServer:
 _CANONICAL_EXCEPTIONS = {"etag": "ETag", "www-authenticate": "WWW-Authenticate"}
 
 
+@functools.lru_cache(maxsize=1024)
 def _canonical(name: str) -> str:
     """HTTP/3 names are lower-case; HTTP/1.1 clients expect Canonical-Case."""
     return _CANONICAL_EXCEPTIONS.get(name) or "-".join(p.capitalize() for p in name.split("-"))
