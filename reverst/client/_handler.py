@@ -16,7 +16,6 @@ from collections import deque
 from typing import Callable
 
 import gevent
-import gevent.event
 from aioquic.h3.connection import ProtocolError as H3ProtocolError
 from aioquic.h3.exceptions import H3Error
 from gevent import monkey
@@ -170,6 +169,20 @@ def _quietly(fn: Callable, *args) -> None:
         pass
 
 
+class _Done:
+    """Completion of a request run by a worker: ``set()`` runs in the hub, after every
+    operation the request posted."""
+
+    __slots__ = ("handler", "stream")
+
+    def __init__(self, handler: "WSGIHandler", stream: H3Stream) -> None:
+        self.handler, self.stream = handler, stream
+
+    def set(self) -> None:
+        self.handler.active -= 1
+        self.stream.finish()
+
+
 #: A worker thread waits for the hub after posting this many response bytes.
 POST_LIMIT = 256 * 1024
 
@@ -189,28 +202,27 @@ class WSGIHandler:
         if not self.accepting:
             stream.reset(H3_REQUEST_REJECTED)
             return
-        gevent.spawn(self._serve, stream)
+        self.active += 1
+        if self._pool is not None:
+            # Straight to a worker; its last posted operation calls done.set() in the hub.
+            self._pool.submit(self._run_in_thread, stream, _Done(self, stream))
+        else:
+            gevent.spawn(self._serve, stream)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
 
     def _serve(self, stream: H3Stream) -> None:
-        self.active += 1
         try:
-            if self._pool is not None:
-                done = gevent.event.Event()
-                self._pool.submit(self._run_in_thread, stream, done)
-                done.wait()
-            else:
-                self._run(stream)
+            self._run(stream)
         except Exception:
             logger.exception("request on %r failed", stream)
         finally:
             self.active -= 1
             stream.finish()
 
-    def _run_in_thread(self, stream: H3Stream, done: gevent.event.Event) -> None:
+    def _run_in_thread(self, stream: H3Stream, done: "_Done") -> None:
         told = False
         try:
             told = self._run(stream, done)
