@@ -38,10 +38,13 @@ MAX_HEAD = 64 * 1024
 MAX_FIELDS = 100
 #: Seconds a connection may stay silent (between requests, or mid-request)
 IDLE_TIMEOUT = 75.0
+#: Seconds from the first byte of a request head to its end (slow-loris clients): 408
+HEAD_TIMEOUT = 30.0
 #: After an early response, how long (and how much) to read a body nobody wants before
 #: closing, so the client sees the response rather than a reset
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
+LINGER_QUIET = 0.2  # ... or until the client has been quiet this long
 RECV = 64 * 1024
 
 _NO_BODY_STATUS = (204, 304)
@@ -203,6 +206,7 @@ class _Connection:
         self.app = app
         self.parser = RequestParser(self)
         self.eof = False
+        self.head_deadline: float | None = None
 
     def fill(self) -> None:
         """Read once from the socket and parse; raises :class:`BadRequest` for bytes that
@@ -211,18 +215,35 @@ class _Connection:
             raise self.parser.error
         if self.eof:
             raise ClientGone("client closed the connection")
+        parser = self.parser
+        in_head = parser.in_head and parser.head_bytes > 0  # a head has begun
+        if in_head:
+            left = self.head_deadline - time.monotonic()
+            if left <= 0:
+                raise BadRequest("request head not complete in time", 408)
+            self.sock.settimeout(min(left, IDLE_TIMEOUT))
         try:
             data = self.sock.recv(RECV)
         except socket.timeout:
             self.eof = True
+            if in_head:
+                raise BadRequest("request head not complete in time", 408) from None
             raise ClientGone("client idle for too long") from None
         except OSError as exc:
             self.eof = True
             raise ClientGone(f"client connection failed: {exc}") from None
+        finally:
+            if in_head:
+                self.sock.settimeout(IDLE_TIMEOUT)
         if not data:
             self.eof = True
             raise ClientGone("client closed the connection")
-        self.parser.feed(data)
+        was_in_head = parser.in_head and parser.head_bytes > 0
+        parser.feed(data)
+        if not (parser.in_head and parser.head_bytes > 0):
+            self.head_deadline = None
+        elif not was_in_head or self.head_deadline is None:
+            self.head_deadline = time.monotonic() + HEAD_TIMEOUT
 
     def send(self, data) -> None:
         # One send() usually takes it all; gevent's sendall() would first ask the kernel
@@ -256,13 +277,15 @@ class _Connection:
 
     def reject(self, exc: BadRequest) -> None:
         logger.info("bad request from %s: %s", self.address[0] if self.address else "?", exc)
-        phrase = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}.get(exc.status, b"Bad Request")
+        phrase = {400: b"Bad Request", 408: b"Request Timeout",
+                  431: b"Request Header Fields Too Large"}.get(exc.status, b"Bad Request")
         body = phrase + b"\n"
         try:
             self.send(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
                       b"Connection: close\r\nDate: %s\r\n\r\n%s" % (exc.status, phrase, len(body), _date(), body))
         except OSError:
-            pass
+            return
+        self.linger()  # what the client still sends must not reset the answer away
 
     def respond(self, req: Request) -> bool:
         """Run the application for ``req``; True if the connection can carry another."""
@@ -330,7 +353,7 @@ class _Connection:
             deadline = time.monotonic() + LINGER_SECONDS
             got = 0
             while got < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
-                self.sock.settimeout(left)
+                self.sock.settimeout(min(left, LINGER_QUIET))
                 data = self.sock.recv(RECV)
                 if not data:
                     break

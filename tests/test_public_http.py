@@ -154,3 +154,50 @@ def test_parser_byte_by_byte_pipelined_chunked_and_limits():
         assert info.value.status == status
         with pytest.raises(BadRequest):  # stays failed
             p.feed(b"GET / HTTP/1.1\r\n\r\n")
+
+
+def test_slow_request_head_gets_408_and_a_slow_body_is_not_cut(monkeypatch):
+    """The front's socket shell in this process (gevent sockets): a head trickled in
+    slower than HEAD_TIMEOUT is answered 408; between requests only the idle timeout
+    applies, and a request that arrives in time is served."""
+    import gevent
+    import gevent.server
+    from gevent import socket as gsocket
+
+    from reverst import http1
+
+    monkeypatch.setattr(http1, "HEAD_TIMEOUT", 0.5)
+
+    def app(environ, start_response):
+        body = environ["wsgi.input"].read(-1)
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), http1.handle(app))
+    server.start()
+    try:
+        with gevent.Timeout(10):
+            s = gsocket.create_connection(server.address)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            for _ in range(4):  # 0.8 s of trickling, past the 0.5 s head limit
+                gevent.sleep(0.2)
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:  # the server answered and closed
+                    break
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), reply
+            s.close()
+
+            s = gsocket.create_connection(server.address)
+            gevent.sleep(0.7)  # idle before the first byte: not the head timeout
+            s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+            gevent.sleep(0.7)  # a slow body: not the head timeout either
+            s.sendall(b"cd")
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\nabcd"), reply
+            s.close()
+    finally:
+        server.stop()
