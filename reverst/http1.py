@@ -207,6 +207,11 @@ class _Connection:
         self.parser = RequestParser(self)
         self.eof = False
         self.head_deadline: float | None = None
+        #: since when a recv() / a send() has been waiting (None: not waiting); the
+        #: front's sweep() ends waits that exceed the timeouts
+        self.reading_since: float | None = None
+        self.writing_since: float | None = None
+        self.expired: str | None = None  # "head" or "idle", set by sweep()
 
     def fill(self) -> None:
         """Read once from the socket and parse; raises :class:`BadRequest` for bytes that
@@ -216,41 +221,54 @@ class _Connection:
         if self.eof:
             raise ClientGone("client closed the connection")
         parser = self.parser
-        in_head = parser.in_head and parser.head_bytes > 0  # a head has begun
-        if in_head:
-            left = self.head_deadline - time.monotonic()
-            if left <= 0:
-                raise BadRequest("request head not complete in time", 408)
-            self.sock.settimeout(min(left, IDLE_TIMEOUT))
+        self.reading_since = time.monotonic()
         try:
             data = self.sock.recv(RECV)
-        except socket.timeout:
-            self.eof = True
-            if in_head:
-                raise BadRequest("request head not complete in time", 408) from None
-            raise ClientGone("client idle for too long") from None
         except OSError as exc:
             self.eof = True
+            if self.expired == "head":
+                raise BadRequest("request head not complete in time", 408) from None
+            if self.expired:
+                raise ClientGone("client idle for too long") from None
             raise ClientGone(f"client connection failed: {exc}") from None
         finally:
-            if in_head:
-                self.sock.settimeout(IDLE_TIMEOUT)
+            self.reading_since = None
         if not data:
             self.eof = True
             raise ClientGone("client closed the connection")
-        was_in_head = parser.in_head and parser.head_bytes > 0
         parser.feed(data)
         if not (parser.in_head and parser.head_bytes > 0):
             self.head_deadline = None
-        elif not was_in_head or self.head_deadline is None:
+        elif self.head_deadline is None:  # a head began: it has HEAD_TIMEOUT to complete
             self.head_deadline = time.monotonic() + HEAD_TIMEOUT
 
     def send(self, data) -> None:
         # One send() usually takes it all; gevent's sendall() would first ask the kernel
         # for SO_SNDBUF on every call (5% of reverstd's CPU on small responses).
-        sent = self.sock.send(data)
-        if sent < len(data):
-            self.sock.sendall(memoryview(data)[sent:])
+        self.writing_since = time.monotonic()
+        try:
+            sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        finally:
+            self.writing_since = None
+
+    def expire(self, now: float) -> None:
+        """Called by :meth:`Front.sweep`: end a wait that has gone on too long.  Shutting
+        the socket down makes the waiting call fail at once (gevent cancels it); a slow
+        request head is then answered 408 on the still open sending side."""
+        try:
+            if self.reading_since is not None and self.head_deadline is not None and now >= self.head_deadline:
+                self.expired = "head"
+                self.sock.shutdown(socket.SHUT_RD)
+            elif self.reading_since is not None and now - self.reading_since >= IDLE_TIMEOUT:
+                self.expired = "idle"
+                self.sock.shutdown(socket.SHUT_RD)
+            elif self.writing_since is not None and now - self.writing_since >= IDLE_TIMEOUT:
+                self.expired = "idle"
+                self.sock.shutdown(socket.SHUT_RDWR)  # a client that stopped reading
+        except OSError:
+            pass
 
     def next_request(self) -> Request | None:
         requests = self.parser.requests
@@ -443,17 +461,36 @@ class _Response:
             self.conn.send(b"0\r\n\r\n")
 
 
-def handle(app):
-    """A ``gevent.server.StreamServer`` handler serving ``app`` on each connection."""
+class Front:
+    """A ``gevent.server.StreamServer`` handler serving ``app`` on each connection.
 
-    def handler(sock, address) -> None:
+    Timeouts cost nothing per request: instead of a timer around every blocking socket
+    call (gevent makes one per call when a socket has a timeout: 3% of reverstd's CPU on
+    small requests), the owner calls :meth:`sweep` every second or so.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.connections: set[_Connection] = set()
+
+    def __call__(self, sock, address) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        sock.settimeout(IDLE_TIMEOUT)
+        conn = _Connection(sock, address, self.app)
+        self.connections.add(conn)
         try:
-            _Connection(sock, address, app).serve()
+            conn.serve()
         finally:
+            self.connections.discard(conn)
             sock.close()
-    return handler
+
+    def sweep(self, now: float | None = None) -> None:
+        """Close connections silent for IDLE_TIMEOUT (or not reading our response for
+        that long); answer 408 to request heads not complete after HEAD_TIMEOUT."""
+        now = time.monotonic() if now is None else now
+        for conn in list(self.connections):
+            if conn.reading_since is not None or conn.writing_since is not None:
+                conn.expire(now)
+

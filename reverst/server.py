@@ -128,9 +128,9 @@ class TunnelServer:
                                        on_connection=self._on_connection,
                                        connection_options=self._conn_options)
         self._endpoint.start()
-        self._http = gevent.server.StreamServer(
-            self._http_bind, http1.handle(self.metrics.observe(self._proxy, access_log=self.access_log)),
-            spawn=self.metrics.public_connections)
+        front = http1.Front(self.metrics.observe(self._proxy, access_log=self.access_log))
+        self._http = gevent.server.StreamServer(self._http_bind, front, spawn=self.metrics.public_connections)
+        gevent.spawn(self._sweep_public, front)
         self._http.start()
         if self._management_bind is not None:
             from .management import ManagementApp
@@ -274,6 +274,11 @@ class TunnelServer:
         conn.on_close(self._on_tunnel_closed)
         conn.group = group_name
         logger.info("tunnel %s registered in group %r (%s)", peer, group_name, strategy)
+
+    def _sweep_public(self, front: http1.Front, interval: float = 1.0) -> None:
+        """The public connections' idle and request-head timeouts (see http1.Front)."""
+        while not self._stopped.wait(interval):
+            front.sweep()
 
     def _trim_memory(self, interval: float = 5.0) -> None:
         """After a burst of registrations (handshakes allocate and free a lot), hand the

@@ -156,10 +156,11 @@ def test_parser_byte_by_byte_pipelined_chunked_and_limits():
             p.feed(b"GET / HTTP/1.1\r\n\r\n")
 
 
-def test_slow_request_head_gets_408_and_a_slow_body_is_not_cut(monkeypatch):
-    """The front's socket shell in this process (gevent sockets): a head trickled in
-    slower than HEAD_TIMEOUT is answered 408; between requests only the idle timeout
-    applies, and a request that arrives in time is served."""
+def test_timeouts_slow_head_408_idle_close_and_slow_body_served(monkeypatch):
+    """The front's socket shell in this process (gevent sockets), its sweep() run every
+    0.1 s: a head trickled in slower than HEAD_TIMEOUT is answered 408; a connection
+    silent for IDLE_TIMEOUT is closed; idling before a request, or a slow body, is
+    neither, and that request is served; no timer per socket call."""
     import gevent
     import gevent.server
     from gevent import socket as gsocket
@@ -167,19 +168,27 @@ def test_slow_request_head_gets_408_and_a_slow_body_is_not_cut(monkeypatch):
     from reverst import http1
 
     monkeypatch.setattr(http1, "HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(http1, "IDLE_TIMEOUT", 1.5)
 
     def app(environ, start_response):
         body = environ["wsgi.input"].read(-1)
         start_response("200 OK", [("Content-Length", str(len(body)))])
         return [body]
 
-    server = gevent.server.StreamServer(("127.0.0.1", 0), http1.handle(app))
+    front = http1.Front(app)
+    server = gevent.server.StreamServer(("127.0.0.1", 0), front)
     server.start()
+
+    def sweeper():
+        while True:
+            gevent.sleep(0.1)
+            front.sweep()
+    sweeping = gevent.spawn(sweeper)
     try:
-        with gevent.Timeout(10):
+        with gevent.Timeout(15):
             s = gsocket.create_connection(server.address)
             s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
-            for _ in range(4):  # 0.8 s of trickling, past the 0.5 s head limit
+            for _ in range(6):  # 1.2 s of trickling, past the 0.5 s head limit
                 gevent.sleep(0.2)
                 try:
                     s.sendall(b"X-Slow: 1\r\n")
@@ -198,6 +207,57 @@ def test_slow_request_head_gets_408_and_a_slow_body_is_not_cut(monkeypatch):
             s.sendall(b"cd")
             reply = s.recv(4096)
             assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\nabcd"), reply
+            start = gevent.get_hub().loop.now()
+            assert s.recv(4096) == b""  # then silent: closed after the idle timeout
+            assert 1.2 < gevent.get_hub().loop.now() - start < 3.0
+            s.close()
+            assert not front.connections
+    finally:
+        sweeping.kill()
+        server.stop()
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(monkeypatch):
+    import gevent
+    import gevent.server
+    from gevent import socket as gsocket
+
+    from reverst import http1
+
+    monkeypatch.setattr(http1, "IDLE_TIMEOUT", 1.0)
+    big = b"x" * (32 * 1024 * 1024)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(big)))])
+        return [big]
+
+    front = http1.Front(app)
+    server = gevent.server.StreamServer(("127.0.0.1", 0), front)
+    server.start()
+
+    def sweeper():
+        while True:
+            gevent.sleep(0.1)
+            front.sweep()
+    sweeping = gevent.spawn(sweeper)
+    try:
+        with gevent.Timeout(15):
+            s = gsocket.create_connection(server.address)
+            s.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 65536)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            gevent.sleep(0.3)
+            assert len(front.connections) == 1
+            assert next(iter(front.connections)).writing_since is not None  # blocked on us
+            gevent.sleep(2.0)  # not reading: the server gives up on the response
+            assert not front.connections
+            got = 0
+            try:
+                while chunk := s.recv(1 << 20):
+                    got += len(chunk)
+            except OSError:
+                pass
+            assert got < len(big)  # cut short, not delivered in full
             s.close()
     finally:
+        sweeping.kill()
         server.stop()
