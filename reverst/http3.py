@@ -130,6 +130,8 @@ def connection_tokens(values: Iterable[str]) -> set[str]:
 
 def strip_hop_by_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Remove hop-by-hop fields and those named by ``Connection``; keep ``TE: trailers``."""
+    if HOP_BY_HOP.isdisjoint([k.lower() for k, _ in headers]):
+        return list(headers)  # the usual case (``Connection`` is hop-by-hop too): one pass
     named = connection_tokens(v for k, v in headers if k.lower() == "connection")
     out = []
     for name, value in headers:
