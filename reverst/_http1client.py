@@ -21,6 +21,8 @@ import ssl
 
 import httptools
 
+from .http1 import send_all
+
 logger = logging.getLogger("reverst.proxy")
 CHUNK = 64 * 1024
 #: Methods retried on a new connection when a kept-alive one turns out closed (RFC 9110 §9.2.2).
@@ -101,7 +103,7 @@ class Pool:
             response = Response(self, sock, head_only=method == "HEAD")
             try:
                 try:
-                    _send(sock, head)
+                    send_all(sock, head)
                     if body is not None:
                         _send_body(sock, body, length)
                 except OSError as exc:
@@ -183,14 +185,6 @@ def _head(method: str, target: str, headers: list[tuple[str, str]], chunked: boo
     return text.encode("latin-1")
 
 
-def _send(sock, data: bytes) -> None:
-    """``sendall``, but a single ``send`` when that takes it all (the usual case): gevent's
-    ``sendall`` costs a ``getsockopt`` syscall and a timer per call."""
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
 def _read_exactly(body, length: int) -> bytes:
     data = body.read(length)
     while len(data) < length:
@@ -204,15 +198,15 @@ def _read_exactly(body, length: int) -> bytes:
 def _send_body(sock, body, length: int | None) -> None:
     if length is None:
         while data := body.read(CHUNK):
-            _send(sock, b"%x\r\n%s\r\n" % (len(data), data))
-        _send(sock, b"0\r\n\r\n")
+            send_all(sock, b"%x\r\n%s\r\n" % (len(data), data))
+        send_all(sock, b"0\r\n\r\n")
         return
     left = length
     while left:
         data = body.read(min(CHUNK, left))
         if not data:
             raise ProtocolError("the request body ended before its Content-Length")
-        _send(sock, data)
+        send_all(sock, data)
         left -= len(data)
 
 
