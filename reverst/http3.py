@@ -12,7 +12,7 @@ import contextlib
 from typing import Iterable
 
 import pylsqpack
-from aioquic.h3.connection import H3Connection, H3Stream, MessageError, Setting
+from aioquic.h3.connection import H3Connection, H3Stream, MessageError
 from aioquic.quic.connection import QuicConnection, stream_is_client_initiated, stream_is_unidirectional
 
 #: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, Go's list).
@@ -45,16 +45,16 @@ class ReversedH3Connection(H3Connection):
         #: (aioquic would close the whole connection, and with it every other request).
         self.malformed: dict[int, str] = {}
         super().__init__(quic)
+
+    def _init_connection(self) -> None:
         # No QPACK dynamic table, as the Go peers: with one, every request's headers were
         # acknowledged on the decoder stream in a datagram of its own (~1 more datagram per
         # request each way at one request in flight), and a tunnel's few headers gain little.
+        # H3Connection.__init__ sets 4096/16 and its decoder just before this call; the
+        # SETTINGS sent below are built from these attributes.
         self._max_table_capacity = self._blocked_streams = 0
         self._decoder = pylsqpack.Decoder(0, 0)
-
-    def _get_local_settings(self) -> dict[int, int]:
-        settings = super()._get_local_settings()
-        settings[Setting.QPACK_MAX_TABLE_CAPACITY] = settings[Setting.QPACK_BLOCKED_STREAMS] = 0
-        return settings
+        super()._init_connection()
 
     # H3Connection assigns self._is_client from the QUIC role in __init__; every use of
     # it is an HTTP-role decision except the unidirectional-stream bookkeeping below.
