@@ -179,8 +179,7 @@ class _Done:
         self.handler, self.stream = handler, stream
 
     def set(self) -> None:
-        self.handler.active -= 1
-        self.stream.finish()
+        self.handler.finished(self.stream)
 
 
 #: A worker thread waits for the hub after posting this many response bytes.
@@ -219,8 +218,12 @@ class WSGIHandler:
         except Exception:
             logger.exception("request on %r failed", stream)
         finally:
-            self.active -= 1
-            stream.finish()
+            self.finished(stream)
+
+    def finished(self, stream: H3Stream) -> None:
+        """A request is over (in the hub): its stream state goes."""
+        self.active -= 1
+        stream.finish()
 
     def _run_in_thread(self, stream: H3Stream, done: "_Done") -> None:
         told = False
@@ -248,10 +251,11 @@ class WSGIHandler:
             state["body"] = status_has_body(int(fields[0][1]), method)
             if not state["body"]:
                 data = b""
-            whole = len(data) <= POST_LIMIT
-            post(_respond, stream, fields, data[:POST_LIMIT], end and whole, finished if whole else None)
-            state["posted"] += min(len(data), POST_LIMIT)
-            state["bytes"] += min(len(data), POST_LIMIT)
+            first = data[:POST_LIMIT]
+            whole = len(first) == len(data)
+            post(_respond, stream, fields, first, end and whole, finished if whole else None)
+            state["posted"] += len(first)
+            state["bytes"] += len(first)
             if not whole:
                 send(data, end, offset=POST_LIMIT)  # (no copy of the rest of a big body)
             return whole and finished is not None
