@@ -68,22 +68,18 @@ class LocalHandler(http.server.BaseHTTPRequestHandler):
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return
-                left = size
-                while left:
-                    data = self.rfile.read(min(left, 1 << 20))
-                    if not data:
-                        raise ConnectionError("body cut short")
-                    left -= len(data)
-                    yield data
+                yield from self._read_exactly(size)
                 self.rfile.readline(1024)  # CRLF after the chunk
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                data = self.rfile.read(min(left, 1 << 20))
-                if not data:
-                    raise ConnectionError("body cut short")
-                left -= len(data)
-                yield data
+            yield from self._read_exactly(int(self.headers.get("Content-Length") or 0))
+
+    def _read_exactly(self, left: int):
+        while left:
+            data = self.rfile.read(min(left, 1 << 20))
+            if not data:
+                raise ConnectionError("body cut short")
+            left -= len(data)
+            yield data
 
     # routes
     def do_HEAD(self):

@@ -2,6 +2,7 @@
 HTTP/1.0, 100-continue, early responses to unread bodies, framing of responses."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -109,7 +110,7 @@ def test_early_response_to_an_unread_body_reaches_the_client(server):
         r, body = response(f, "POST")
         assert r.status == 502 and r.getheader("Connection") == "close"
         start = time.monotonic()
-        with __import__("contextlib").suppress(OSError):
+        with contextlib.suppress(OSError):
             while s.recv(65536):
                 pass
         assert time.monotonic() - start < 5
@@ -156,13 +157,36 @@ def test_parser_byte_by_byte_pipelined_chunked_and_limits():
             p.feed(b"GET / HTTP/1.1\r\n\r\n")
 
 
+@contextlib.contextmanager
+def front_in_process(app):
+    """reverst.http1.Front on an ephemeral port in this process (gevent), swept every 0.1 s."""
+    import gevent
+    import gevent.server
+
+    from reverst import http1
+
+    front = http1.Front(app)
+    server = gevent.server.StreamServer(("127.0.0.1", 0), front)
+    server.start()
+
+    def sweeper():
+        while True:
+            gevent.sleep(0.1)
+            front.sweep()
+    sweeping = gevent.spawn(sweeper)
+    try:
+        yield front, server
+    finally:
+        sweeping.kill()
+        server.stop()
+
+
 def test_timeouts_slow_head_408_idle_close_and_slow_body_served(monkeypatch):
     """The front's socket shell in this process (gevent sockets), its sweep() run every
     0.1 s: a head trickled in slower than HEAD_TIMEOUT is answered 408; a connection
     silent for IDLE_TIMEOUT is closed; idling before a request, or a slow body, is
     neither, and that request is served; no timer per socket call."""
     import gevent
-    import gevent.server
     from gevent import socket as gsocket
 
     from reverst import http1
@@ -175,16 +199,7 @@ def test_timeouts_slow_head_408_idle_close_and_slow_body_served(monkeypatch):
         start_response("200 OK", [("Content-Length", str(len(body)))])
         return [body]
 
-    front = http1.Front(app)
-    server = gevent.server.StreamServer(("127.0.0.1", 0), front)
-    server.start()
-
-    def sweeper():
-        while True:
-            gevent.sleep(0.1)
-            front.sweep()
-    sweeping = gevent.spawn(sweeper)
-    try:
+    with front_in_process(app) as (front, server):
         with gevent.Timeout(15):
             s = gsocket.create_connection(server.address)
             s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
@@ -212,14 +227,10 @@ def test_timeouts_slow_head_408_idle_close_and_slow_body_served(monkeypatch):
             assert 1.2 < gevent.get_hub().loop.now() - start < 3.0
             s.close()
             assert not front.connections
-    finally:
-        sweeping.kill()
-        server.stop()
 
 
 def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(monkeypatch):
     import gevent
-    import gevent.server
     from gevent import socket as gsocket
 
     from reverst import http1
@@ -231,16 +242,7 @@ def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(monkeypat
         start_response("200 OK", [("Content-Length", str(len(big)))])
         return [big]
 
-    front = http1.Front(app)
-    server = gevent.server.StreamServer(("127.0.0.1", 0), front)
-    server.start()
-
-    def sweeper():
-        while True:
-            gevent.sleep(0.1)
-            front.sweep()
-    sweeping = gevent.spawn(sweeper)
-    try:
+    with front_in_process(app) as (front, server):
         with gevent.Timeout(15):
             s = gsocket.create_connection(server.address)
             s.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 65536)
@@ -258,6 +260,3 @@ def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(monkeypat
                 pass
             assert got < len(big)  # cut short, not delivered in full
             s.close()
-    finally:
-        sweeping.kill()
-        server.stop()
