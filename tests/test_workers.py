@@ -6,12 +6,7 @@ import time
 
 from reverst.client._handler import _Workers
 
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+from .observe import eventually
 
 
 def test_light_traffic_stays_on_one_warm_thread():
@@ -21,10 +16,10 @@ def test_light_traffic_stays_on_one_warm_thread():
         done = threading.Event()
         pool.submit(lambda: (seen.append(threading.get_ident()), done.set()))
         assert done.wait(5)
-        wait_until(lambda: pool._idle)  # the worker is back in the idle stack
+        eventually(lambda: pool._idle, timeout=5.0)  # the worker is back in the idle stack
     assert len(set(seen)) == 1
     pool.close()
-    wait_until(lambda: pool._threads == 0)
+    eventually(lambda: pool._threads == 0, timeout=5.0)
 
 
 def test_at_most_size_threads_and_the_backlog_runs_in_order():
@@ -41,14 +36,14 @@ def test_at_most_size_threads_and_the_backlog_runs_in_order():
 
     for i in range(10):
         pool.submit(task, i)
-    wait_until(lambda: len(running) == 3)
+    eventually(lambda: len(running) == 3, timeout=5.0)
     time.sleep(0.1)
     assert len(running) == 3 and pool._threads == 3 and len(pool._backlog) == 7
     gate.set()
-    wait_until(lambda: len(order) == 10)
+    eventually(lambda: len(order) == 10, timeout=5.0)
     assert sorted(order) == list(range(10))
     pool.close()
-    wait_until(lambda: pool._threads == 0)
+    eventually(lambda: pool._threads == 0, timeout=5.0)
 
 
 def test_a_failing_call_does_not_kill_its_worker():
@@ -59,4 +54,4 @@ def test_a_failing_call_does_not_kill_its_worker():
     assert done.wait(5)
     assert pool._threads == 1
     pool.close()
-    wait_until(lambda: pool._threads == 0)
+    eventually(lambda: pool._threads == 0, timeout=5.0)
