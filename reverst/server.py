@@ -45,7 +45,12 @@ def server_configuration(certificate_path: str, private_key_path: str, *, idle_t
 
 
 class _Tunnels:
-    """The live connections of one group, picked round-robin."""
+    """The live connections of one group, picked round-robin.
+
+    As Go's ``roundrobbin.Set``: the cursor is wrapped at the size of the set when a
+    connection is picked, and the one after it is remembered wrapped too, so a group
+    that shrank to one connection and grew again starts over at its oldest member.
+    """
 
     def __init__(self) -> None:
         self.connections: list[Connection] = []
@@ -54,12 +59,13 @@ class _Tunnels:
     def pick(self) -> Connection | None:
         conns = self.connections
         while conns:
-            self._next %= len(conns)
-            conn = conns[self._next]
+            index = self._next if self._next < len(conns) else 0
+            conn = conns[index]
             if conn.is_open:
-                self._next += 1
+                self._next = (index + 1) % len(conns)
                 return conn
-            del conns[self._next]  # found closed: drop it, try the next one
+            del conns[index]  # found closed: drop it, try the next one
+            self._next = index
         return None
 
 

@@ -65,8 +65,21 @@ def test_two_clients_alternate_round_robin(server, start_client):
     start_client(name="a")
     start_client(name="b")
     names = [get(server, "/name").text for _ in range(10)]
-    assert names[0] != names[1]
-    assert names == [names[0], names[1]] * 5
+    assert names == ["a", "b"] * 5  # as Go: the first registered first
+
+
+def test_round_robin_after_the_group_shrinks_and_grows_starts_on_the_oldest(server, start_client):
+    """Go's cursor wraps at the size of the set when it picks: after a lone tunnel served a
+    request and left, the two that register next are served in their order (one server
+    across both phases: the cursor is what the bug was about)."""
+    lone = start_client(name="lone")
+    assert get(server, "/name").text == "lone"
+    lone.stop(signal.SIGTERM)
+    server.wait_for(r"left group 'app.test'")
+    start_client(name="a")
+    start_client(name="b")
+    names = [get(server, "/name").text for _ in range(10)]
+    assert names == ["a", "b"] * 5
 
 
 def test_headers_forwarded_like_go(tunnel):
