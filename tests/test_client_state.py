@@ -19,6 +19,17 @@ def wait_state(client, state, timeout=15.0):
             gevent.sleep(0.02)
 
 
+def _check_agreement(client, samples: list, disagreements: list) -> None:
+    """Sample (state, connections) as often as the hub lets a greenlet run: "connected"
+    exactly when ``connections`` is not empty."""
+    while True:
+        state, count = client.state, len(client.connections)
+        samples.append(state)
+        if (state == "connected") != (count > 0):
+            disagreements.append((state, count))
+        gevent.sleep(0)
+
+
 def test_state_follows_connect_loss_reconnect_and_stop(certs, groups_file, procs, caplog):
     caplog.set_level(logging.INFO, logger="reverst.client")
     server = Server(certs, groups_file)
@@ -28,7 +39,11 @@ def test_state_follows_connect_loss_reconnect_and_stop(certs, groups_file, procs
                     handshake_timeout=1.0)
     seen = []
     client.on_state_change(lambda c, state: seen.append((c is client, state)))
+    # Every state-change callback also sees the list agreeing with the new state.
+    client.on_state_change(lambda c, state: seen.append(("agrees", (state == "connected") == bool(c.connections))))
     assert client.state == "connecting"
+    samples, disagreements = [], []
+    sampler = gevent.spawn(_check_agreement, client, samples, disagreements)
     runner = gevent.spawn(client.dial_and_serve)
     try:
         wait_state(client, "connected")
@@ -40,9 +55,13 @@ def test_state_follows_connect_loss_reconnect_and_stop(certs, groups_file, procs
     finally:
         client.stop(2)
         runner.join(5)
+        sampler.kill()
     assert client.state == "stopped"
-    assert [s for _, s in seen] == ["connected", "reconnecting", "connected", "stopped"]
-    assert all(same for same, _ in seen)
+    assert [s for who, s in seen if who != "agrees"] == ["connected", "reconnecting", "connected", "stopped"]
+    assert all(flag for who, flag in seen if who == "agrees") and len(seen) == 8
+    assert all(same for same, _ in seen if same != "agrees")
+    assert {"connecting", "connected", "reconnecting"} <= set(samples) and len(samples) > 100
+    assert not disagreements, disagreements[:5]
     messages = [r.getMessage() for r in caplog.records if r.name == "reverst.client"]
     assert sum("registered with" in m for m in messages) == 2
     assert any("lost (server closing down" in m and "reconnecting in" in m for m in messages)

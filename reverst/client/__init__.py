@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import socket
@@ -116,7 +117,12 @@ class Client:
 
     @property
     def connections(self) -> list[Connection]:
-        """The tunnel connections that are currently open."""
+        """The tunnel connections registered and open now (none while dialling).
+
+        It agrees with :attr:`state` at every instant: ``"connected"`` exactly when this
+        list is not empty (a connection joins it when its registration is answered and
+        leaves it the moment it closes).
+        """
         return [c for c in self._slots if c is not None and c.is_open]
 
     @property
@@ -149,7 +155,8 @@ class Client:
 
     @property
     def connection(self) -> Connection | None:
-        """The first slot's connection (open or not), for single-connection use."""
+        """The first slot's last registered connection (open or not), for
+        single-connection use."""
         return self._slots[0]
 
     # -- public API -------------------------------------------------------------------
@@ -228,6 +235,9 @@ class Client:
             connected_at = time.monotonic()
             logger.info("%s registered with %s:%d in group %r", name, self.host, self.port,
                         self.tunnel_group)
+            # In one step (no switch in between): the list and the state change together.
+            self._slots[slot] = conn
+            conn.on_close(functools.partial(self._lost, slot))
             self._set_slot_state(slot, CONNECTED)
             if self.on_ready is not None:
                 self.on_ready(self)
@@ -242,6 +252,11 @@ class Client:
             self._set_slot_state(slot, RECONNECTING)
             logger.info("%s lost (%s); reconnecting in %.1fs", name, conn.close_reason, delay)
             self._stopping.wait(delay)
+
+    def _lost(self, slot: int, conn: Connection) -> None:
+        """A registered connection closed (called as it closes, in the hub)."""
+        if self._slots[slot] is conn and not self._stopping.is_set():
+            self._set_slot_state(slot, RECONNECTING)
 
     def _delay(self, failures: int) -> float:
         low, high = self.backoff
@@ -272,7 +287,6 @@ class Client:
         endpoint.start()
         conn = endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
                                 dead_peer_timeout=self.dead_peer_timeout)
-        self._slots[slot] = conn
         try:
             with gevent.Timeout(self.handshake_timeout, ServerError("handshake timed out")):
                 gevent.wait([conn.handshake_done, conn.closed], count=1)
