@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import socket as _stdsocket
+import struct
+import sys
 import time
 from typing import Callable
 
@@ -43,6 +46,14 @@ SEND_HIGH_WATER = 1024 * 1024
 SEND_LOW_WATER = SEND_HIGH_WATER // 2
 RECV_BATCH = 64
 MAX_DATAGRAM = 65536
+
+# ICMP errors on unconnected UDP sockets (Linux IP_RECVERR / IPV6_RECVERR, not in Python's
+# socket module before 3.12): a datagram to a peer whose port is closed (a tunnel client
+# killed, or exiting before its CONNECTION_CLOSE left) draws a port unreachable, queued
+# with the peer's address, at once instead of after a dead-peer probe times out.
+_IP_RECVERR, _IPV6_RECVERR = 11, 25
+_ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
+_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 now = time.monotonic
 
@@ -83,6 +94,7 @@ class Endpoint:
                 sock.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 0)
             sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVBUF, 4 * 1024 * 1024)
             sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, 4 * 1024 * 1024)
+            _enable_icmp_errors(sock, family)
             sock.bind(addr)
         except OSError:
             sock.close()
@@ -172,22 +184,26 @@ class Endpoint:
         return conn
 
     def _read_loop(self) -> None:
-        recvfrom, raw_recvfrom = self.sock.recvfrom, self._raw.recvfrom
+        hub = gevent.get_hub()
+        readable = hub.loop.io(self._raw.fileno(), 1)
+        recvfrom = self._raw.recvfrom
         while True:
-            try:
-                batch = [recvfrom(MAX_DATAGRAM)]
-            except OSError:
-                if self.sock.closed:
-                    return
-                logger.debug("recvfrom failed", exc_info=True)
-                continue
+            hub.wait(readable)  # a datagram, or a queued ICMP error (which must be drained)
+            batch = []
             while len(batch) < RECV_BATCH:
                 try:
-                    batch.append(raw_recvfrom(MAX_DATAGRAM))
+                    batch.append(recvfrom(MAX_DATAGRAM))
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError:
+                except OSError as exc:
+                    if self.sock.closed:
+                        return
+                    if exc.errno not in _UNREACHABLE:  # (those are told by _drain_errors)
+                        logger.debug("recvfrom failed: %s", exc)
                     break
+            if not batch:
+                self._drain_errors()
+                continue
             t = now()
             touched: dict[Connection, None] = {}
             for data, addr in batch:
@@ -203,12 +219,53 @@ class Endpoint:
                 conn.process()
 
     def _sendto(self, data: bytes, addr: tuple) -> None:
-        try:
-            self._raw.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self.dropped_datagrams += 1  # it is UDP: QUIC retransmits
-        except OSError as exc:
-            logger.debug("sendto %s failed: %s", addr, exc)
+        for _ in range(2):
+            try:
+                self._raw.sendto(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                self.dropped_datagrams += 1  # it is UDP: QUIC retransmits
+                return
+            except OSError as exc:
+                # An ICMP error queued for some earlier datagram (maybe to another peer)
+                # fails the next send, unsent: report it (_drain_errors) and send again.
+                if exc.errno not in _UNREACHABLE:
+                    logger.debug("sendto %s failed: %s", addr, exc)
+                    return
+        logger.debug("sendto %s failed twice: the peer is unreachable", addr)
+
+    def _drain_errors(self) -> None:
+        """Read the socket's ICMP error queue; suspect the connections of unreachable peers."""
+        while True:
+            try:
+                _, ancillary, _, addr = self._raw.recvmsg(1, 256, _stdsocket.MSG_ERRQUEUE)
+            except OSError:  # BlockingIOError when empty; anything else: nothing to read
+                return
+            for _level, _type, data in ancillary:
+                if len(data) < 8:
+                    continue
+                err, origin = struct.unpack_from("=IB", data)
+                if origin in (_ORIGIN_ICMP, _ORIGIN_ICMP6) and err in _UNREACHABLE and addr:
+                    self._unreachable(addr[:2], err)
+
+    def _unreachable(self, addr: tuple, err: int) -> None:
+        for conn in list(self.connections):
+            if conn.peer[:2] == addr:
+                logger.debug("%r: ICMP says %s", conn, errno.errorcode.get(err, err))
+                conn.suspect("peer unreachable")
+
+
+def _enable_icmp_errors(sock, family: int) -> None:
+    """Queue ICMP errors with the peer's address (see _IP_RECVERR); Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    if family == _stdsocket.AF_INET6:
+        sock.setsockopt(_stdsocket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+    try:
+        sock.setsockopt(_stdsocket.IPPROTO_IP, _IP_RECVERR, 1)  # (v4-mapped peers of a v6 socket too)
+    except OSError:
+        if family != _stdsocket.AF_INET6:
+            raise
 
 
 class Connection:
@@ -446,6 +503,12 @@ class Connection:
             del self._raw[stream.stream_id]
         self._blocked_writers.discard(stream)
         if self.quic.release(stream.stream_id):
+            self.schedule_transmit()
+
+    def suspect(self, reason: str) -> None:
+        """The network says the peer may be gone: probe it now (see TunnelQuicConnection.suspect)."""
+        if self.is_open:
+            self.quic.suspect(now(), reason)
             self.schedule_transmit()
 
     # -- closing ----------------------------------------------------------------------

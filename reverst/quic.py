@@ -7,7 +7,8 @@
   grow past bytes released.
 * Keep-alive PINGs (aioquic sends none) and a dead-peer probe: while requests are in
   flight and the peer is quiet, PING it; a PING unanswered for ``dead_peer_timeout``
-  closes the connection instead of waiting for the idle timeout.
+  closes the connection instead of waiting for the idle timeout.  :meth:`suspect`
+  (an ICMP unreachable seen by the shell) probes at once with a deadline of a few RTTs.
 * :attr:`closed_event` exposes a peer's or our own close as soon as the connection
   enters closing/draining; aioquic only emits ConnectionTerminated ~3 PTO later.
 
@@ -27,6 +28,9 @@ from .protocol import AppErrorCode
 
 #: While requests are in flight, PING a peer that has been quiet this long (seconds).
 BUSY_PROBE_INTERVAL = 1.0
+#: After a sign that the peer is gone (an ICMP unreachable), close unless something
+#: arrives from it within this long, or three smoothed RTTs if that is longer.
+SUSPECT_GRACE = 0.25
 #: Delay an ACK up to this long (aioquic: 1 ms) unless a second datagram needs one: a
 #: request/response exchange then carries its ACKs instead of paying for ACK-only packets.
 ACK_DELAY = 0.005
@@ -74,7 +78,9 @@ class TunnelQuicConnection(QuicConnection):
         self._held: dict[int, int] = {}
         self._held_total = 0
         self._last_rx: float | None = None
-        self._probe_sent_at: float | None = None
+        #: a PING is out: close at this time unless something arrives first (and why)
+        self._probe_deadline: float | None = None
+        self._probe_reason = "peer unresponsive"
         self._unacked = 0
         self._eliciting = 0  # ack-eliciting packets received
         self._data_queued = False
@@ -197,7 +203,7 @@ class TunnelQuicConnection(QuicConnection):
             self._close_begin(is_initiator=False, now=now)
             return
         self._last_rx = now
-        self._probe_sent_at = None
+        self._probe_deadline = None
         eliciting = self._eliciting
         super().receive_datagram(data, addr, now)
         space = self._spaces.get(tls.Epoch.ONE_RTT)
@@ -239,11 +245,26 @@ class TunnelQuicConnection(QuicConnection):
         half_idle = self._idle_timeout() / 2
         return min(self.keep_alive_period, half_idle) if self.keep_alive_period else half_idle
 
+    def suspect(self, now: float, reason: str = "peer unreachable") -> None:
+        """Something says the peer may be gone (an ICMP port or host unreachable for its
+        address): PING it now and close unless anything arrives from it within a few
+        round trips. Not a close on the spot: an ICMP message is easy to forge."""
+        if not self._handshake_complete or self._state in END_STATES:
+            return
+        rtt = self._loss._rtt_smoothed if self._loss._rtt_initialized else 0.0
+        deadline = now + max(SUSPECT_GRACE, 3 * rtt)
+        if self._probe_deadline is None:
+            self.send_ping(0)
+        elif self._probe_deadline <= deadline:
+            return
+        self._probe_deadline = deadline
+        self._probe_reason = reason
+
     def _next_probe_at(self) -> float | None:
         if not self._handshake_complete or self._state in END_STATES or self._last_rx is None:
             return None
-        if self._probe_sent_at is not None:
-            return self._probe_sent_at + self.dead_peer_timeout
+        if self._probe_deadline is not None:
+            return self._probe_deadline
         quiet = BUSY_PROBE_INTERVAL if self.busy else self.keep_alive
         return self._last_rx + quiet
 
@@ -259,8 +280,9 @@ class TunnelQuicConnection(QuicConnection):
         probe_at = self._next_probe_at()
         if probe_at is None or now < probe_at:
             return
-        if self._probe_sent_at is not None:
-            self.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase="peer unresponsive")
+        if self._probe_deadline is not None:
+            self.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase=self._probe_reason)
         else:
-            self._probe_sent_at = now
+            self._probe_deadline = now + self.dead_peer_timeout
+            self._probe_reason = "peer unresponsive"
             self.send_ping(0)

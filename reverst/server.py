@@ -69,7 +69,10 @@ class _Tunnels:
         return None
 
 
-_REJECTED = object()  # _forward's answer when the tunnel refused the request unprocessed
+_RETRY = object()  # _forward's answer when another tunnel of the group may take the request
+#: Requests that may be sent again when their tunnel died before answering (RFC 9110
+#: §9.2.1 safe methods; only without a body, which was not kept).
+_RETRIABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class _UpstreamAborted(Exception):
@@ -335,10 +338,10 @@ class TunnelServer:
             tried.add(conn)
             environ["reverst.tunnel"] = conn
             result = self._forward(conn, environ, headers, host, start_response)
-            if result is not _REJECTED:
+            if result is not _RETRY:
                 return result
-            # A tunnel client that is stopping refuses new requests unprocessed
-            # (H3_REQUEST_REJECTED): safe to hand a bodiless request to the next one.
+            # Refused unprocessed by a stopping tunnel client (H3_REQUEST_REJECTED), or a
+            # safe request whose tunnel died before answering: the next tunnel takes it.
 
     @staticmethod
     def _empty_502(start_response):
@@ -347,6 +350,7 @@ class TunnelServer:
 
     def _forward(self, conn: Connection, environ: dict, headers, host: str, start_response):
         method = environ["REQUEST_METHOD"]
+        path = environ["reverst.raw_path"].split("?", 1)[0]  # for logs: a query may carry tokens
         chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
         length = int(environ.get("CONTENT_LENGTH") or 0) if not chunked else None
         has_body = chunked or (length or 0) > 0
@@ -380,10 +384,14 @@ class TunnelServer:
                     raise pump.value  # the front answers it (400), no second response from us
             self._finish(stream, pump, slots)
             if not has_body and isinstance(exc, StreamReset) and exc.error_code == H3_REQUEST_REJECTED:
-                logger.debug("%s %s refused by %s (stopping): trying another tunnel", method,
-                             environ["reverst.raw_path"], format_address(conn.peer))
-                return _REJECTED
-            logger.info("%s %s via %s failed before the response: %s", method, environ["reverst.raw_path"],
+                logger.debug("%s %s refused by %s (stopping): trying another tunnel", method, path,
+                             format_address(conn.peer))
+                return _RETRY
+            if not has_body and isinstance(exc, ConnectionClosed) and method in _RETRIABLE_METHODS:
+                logger.info("%s %s: tunnel %s closed before answering (%s): trying another tunnel",
+                            method, path, format_address(conn.peer), exc)
+                return _RETRY
+            logger.info("%s %s via %s failed before the response: %s", method, path,
                         format_address(conn.peer), exc)
             return self._empty_502(start_response)
         except BaseException:

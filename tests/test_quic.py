@@ -14,7 +14,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
 from reverst.protocol import AppErrorCode
-from reverst.quic import BUSY_PROBE_INTERVAL, TunnelQuicConnection
+from reverst.quic import BUSY_PROBE_INTERVAL, SUSPECT_GRACE, TunnelQuicConnection
 
 from .inmemory import CLIENT_ADDR, SERVER_ADDR, Link, make_link
 
@@ -259,6 +259,31 @@ def test_answered_probes_keep_a_busy_connection_open(tls):
     link.advance(30.0)  # probes every second, all answered
     assert link.client.closed_event is None and link.server.closed_event is None
     assert link.sent[link.client] >= 20
+
+
+def test_a_suspected_peer_that_answers_stays_open(tls):
+    """suspect() (an ICMP unreachable, which anyone on the path can forge) only probes:
+    a live peer's answer clears it."""
+    link = make_link(tls, idle_timeout=60.0)
+    sent = link.sent[link.client]
+    link.client.suspect(link.now)
+    link.advance(SUSPECT_GRACE * 4)
+    assert link.sent[link.client] > sent  # the PING went out and was answered
+    assert link.client.closed_event is None
+
+
+def test_a_suspected_peer_that_stays_silent_is_closed_after_the_grace(tls):
+    link = make_link(tls, idle_timeout=60.0, client_kwargs={"dead_peer_timeout": 5.0})
+    client = link.client
+    link.gone.add(link.server)
+    start = link.now
+    client.suspect(start)
+    link.run(until=start + SUSPECT_GRACE - 0.01)
+    assert client.closed_event is None
+    link.run(until=start + SUSPECT_GRACE)
+    closed = client.closed_event
+    assert closed is not None and closed.reason_phrase == "peer unreachable"
+    assert closed.error_code == AppErrorCode.SERVER_ERROR
 
 
 def test_closed_event_is_set_as_soon_as_close_is_received(small):

@@ -217,6 +217,33 @@ def test_tunnel_client_killed_mid_response_fails_fast_and_server_survives(server
     assert get(server, "/hello").text == "Hello, World!"
 
 
+def test_a_killed_tunnel_is_dropped_at_once_and_safe_requests_go_to_another_one(server, start_client):
+    """A tunnel client gone without a CONNECTION_CLOSE (SIGKILL; a Go client exiting on
+    SIGTERM before quic-go flushed its close): the first datagram to its closed port draws
+    an ICMP unreachable, the connection is probed and dropped within a fraction of a
+    second, and a safe bodiless request that was waiting on it goes to the next tunnel."""
+    a = start_client(name="a")
+    start_client(name="b")
+    a.stop(signal.SIGKILL)  # the cursor is on a: the next request goes there
+    start = time.monotonic()
+    names = [get(server, "/name", timeout=3).text for _ in range(6)]
+    assert names == ["b"] * 6
+    assert time.monotonic() - start < 2.0  # (the dead-peer probe alone takes 6 s)
+    server.wait_for(r"left group 'app.test': peer unreachable", timeout=1)
+    server.wait_for(r"GET /name: tunnel \S+ closed before answering \(peer unreachable[^)]*\)\): trying another")
+
+
+def test_a_request_with_a_body_is_not_sent_again_when_its_tunnel_dies(server, start_client):
+    a = start_client(name="a")
+    start_client(name="b")
+    a.stop(signal.SIGKILL)
+    start = time.monotonic()
+    r = requests.post(server.url("/echo"), headers=H, data=b"x" * 1000, timeout=3)
+    assert r.status_code == 502 and r.content == b""  # it may have been processed: not replayed
+    assert time.monotonic() - start < 2.0
+    assert get(server, "/name").text == "b"
+
+
 def test_requests_refused_by_a_stopping_client_go_to_another_one(server, start_client):
     """A client finishing in-flight requests after SIGTERM refuses new ones unprocessed
     (H3_REQUEST_REJECTED); reverstd hands them to another tunnel of the group."""
