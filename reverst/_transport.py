@@ -1,11 +1,12 @@
-"""The gevent shell around aioquic: UDP endpoints, connections and blocking streams.
+"""The gevent shell around a QUIC backend: UDP endpoints, connections and blocking streams.
 
 * :class:`Endpoint` owns one UDP socket and one reader greenlet.  It drains a batch of
-  datagrams, feeds each to its connection (routed by destination connection id), then
-  lets every touched connection process its events and transmit once.
-* :class:`Connection` drives one :class:`~reverst.quic.TunnelQuicConnection`: a single
-  libev timer, transmits coalesced per loop iteration, and event dispatch that only
-  buffers data and wakes greenlets (it never runs application code).
+  datagrams, routes each by destination connection id, feeds each connection its share
+  in one call, then lets every touched connection process its events and transmit once.
+* :class:`Connection` drives one backend connection (:mod:`reverst.quic`: aioquic or
+  qh3, the same interface): a single libev timer, transmits coalesced per loop
+  iteration, and event dispatch that only buffers data and wakes greenlets (it never
+  runs application code).
 * :class:`Stream` (raw bytes, used for registration) and :class:`H3Stream` (one HTTP/3
   request) give greenlets ``read()``/``write()``/``close()``/``reset()`` with
   back-pressure both ways.  A closed connection wakes every waiter with its reason.
@@ -25,19 +26,13 @@ import gevent
 import gevent.event
 import gevent.queue
 import gevent.socket
-from aioquic.buffer import Buffer
-from aioquic.h3 import events as h3e
-from aioquic.quic import events as qe
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import (
-    QuicPacketType, encode_quic_version_negotiation, pull_quic_header,
-)
 
 from .errors import ConnectionClosed, StreamReset
-from .http3 import H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, ReversedH3Connection
+from .http3 import H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
 from .logs import format_address
 from .protocol import AppErrorCode
-from .quic import TunnelQuicConnection, encode_stateless_reset, stateless_reset_token
+from .quic import (CID_LENGTH, encode_stateless_reset, encode_version_negotiation, load_backend,
+                   parse_header_untrusted, stateless_reset_token)
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +66,13 @@ def parse_address(value, default_host: str = "0.0.0.0", what: str = "address") -
 class Endpoint:
     """One UDP socket; many connections (server) or one (client)."""
 
-    def __init__(self, sock: gevent.socket.socket, *, server_config: QuicConfiguration | None = None,
+    def __init__(self, sock: gevent.socket.socket, *, backend=None, server_config=None,
                  on_connection: Callable[["Connection"], None] | None = None,
                  connection_options: dict | None = None) -> None:
         self.sock = sock
         self._raw = sock._sock  # the non-blocking stdlib socket under gevent's
+        #: the QUIC backend module (reverst.quic); its configurations must be used with it
+        self.backend = backend if backend is not None else load_backend()
         self._server_config = server_config
         self._on_connection = on_connection
         self._connection_options = connection_options or {}
@@ -116,8 +113,8 @@ class Endpoint:
         self.sock.close()
 
     # -- connections --------------------------------------------------------------
-    def connect(self, addr: tuple, configuration: QuicConfiguration, **options) -> "Connection":
-        quic = TunnelQuicConnection(configuration=configuration, **options)
+    def connect(self, addr: tuple, configuration, **options) -> "Connection":
+        quic = self.backend.client_connection(configuration, **options)
         conn = Connection(self, quic, addr)
         quic.connect(addr, now=now())
         conn.transmit()
@@ -135,23 +132,19 @@ class Endpoint:
                 del self._by_cid[cid]
         conn.cids.clear()
 
-    def _route(self, data: bytes, addr: tuple, t: float) -> "Connection | None":
+    def _route(self, data: bytes, addr: tuple) -> "Connection | None":
         if self._server_config is None:  # client: one connection per socket
-            conn = next(iter(self.connections), None)
-        else:
-            try:
-                header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-            except ValueError:
-                self.dropped_datagrams += 1
+            return next(iter(self.connections), None)
+        header = parse_header_untrusted(data, CID_LENGTH)
+        if header is None:
+            self.dropped_datagrams += 1
+            return None
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            if not header.long:
+                self._send_stateless_reset(header.destination_cid, len(data), addr)
                 return None
-            conn = self._by_cid.get(header.destination_cid)
-            if conn is None:
-                if header.packet_type == QuicPacketType.ONE_RTT:
-                    self._send_stateless_reset(header.destination_cid, len(data), addr)
-                    return None
-                conn = self._accept(header, data, addr)
-        if conn is not None:
-            conn.quic.receive_datagram(data, addr, t)
+            conn = self._accept(header, data, addr)
         return conn
 
     def _send_stateless_reset(self, cid: bytes, size: int, addr: tuple) -> None:
@@ -165,17 +158,17 @@ class Endpoint:
 
     def _accept(self, header, data: bytes, addr: tuple) -> "Connection | None":
         cfg = self._server_config
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+        if len(data) < 1200:
             self.dropped_datagrams += 1
             return None
         if header.version not in cfg.supported_versions:
-            self._raw.sendto(encode_quic_version_negotiation(
-                source_cid=header.destination_cid, destination_cid=header.source_cid,
-                supported_versions=cfg.supported_versions), addr)
+            if header.version:  # (never answer a version negotiation packet)
+                self._sendto(encode_version_negotiation(header, cfg.supported_versions), addr)
             return None
-        quic = TunnelQuicConnection(
-            configuration=cfg, original_destination_connection_id=header.destination_cid,
-            **self._connection_options)
+        if not header.initial:
+            self.dropped_datagrams += 1
+            return None
+        quic = self.backend.server_connection(cfg, header.destination_cid, **self._connection_options)
         conn = Connection(self, quic, addr)
         conn.cids.add(header.destination_cid)
         self._add(conn)
@@ -205,18 +198,40 @@ class Endpoint:
                 self._drain_errors()
                 continue
             t = now()
-            touched: dict[Connection, None] = {}
+            # Each connection gets its datagrams in one call (one native call with qh3),
+            # in arrival order; a change of peer address starts a new call.
+            touched: dict[Connection, list] = {}
             for data, addr in batch:
                 try:
-                    conn = self._route(data, addr, t)
+                    conn = self._route(data, addr)
                 except Exception:  # a datagram must never take the endpoint down
                     self.dropped_datagrams += 1
                     logger.exception("dropping a datagram from %s", addr)
                     continue
-                if conn is not None:
-                    touched[conn] = None
-            for conn in touched:
+                if conn is None:
+                    continue
+                pending = touched.get(conn)
+                if pending is None:
+                    touched[conn] = [addr, data]
+                elif pending[0] == addr:
+                    pending.append(data)
+                else:
+                    self._feed(conn, pending, t)
+                    pending[:] = [addr, data]
+            for conn, pending in touched.items():
+                self._feed(conn, pending, t)
                 conn.process()
+
+    def _feed(self, conn: "Connection", pending: list, t: float) -> None:
+        addr, datagrams = pending[0], pending[1:]
+        try:
+            if len(datagrams) == 1:
+                conn.quic.receive_datagram(datagrams[0], addr, t)
+            else:
+                conn.quic.receive_datagrams(datagrams, addr, t)
+        except Exception:  # a datagram must never take the endpoint down
+            self.dropped_datagrams += len(datagrams)
+            logger.exception("%r: dropping %d datagrams from %s", conn, len(datagrams), addr)
 
     def _sendto(self, data: bytes, addr: tuple) -> None:
         for _ in range(2):
@@ -271,12 +286,15 @@ def _enable_icmp_errors(sock, family: int) -> None:
 class Connection:
     """One QUIC connection driven from the gevent loop."""
 
-    def __init__(self, endpoint: Endpoint, quic: TunnelQuicConnection, addr: tuple) -> None:
+    def __init__(self, endpoint: Endpoint, quic, addr: tuple) -> None:
         self.endpoint = endpoint
         self.quic = quic
         self.peer = addr
         self.cids: set[bytes] = {quic.host_cid}
-        self.h3: ReversedH3Connection | None = None
+        self.h3 = None  # the backend's HTTP/3 layer, once attach_h3() ran
+        self._ev = endpoint.backend.events
+        self._stream_errors = endpoint.backend.STREAM_ERRORS
+        self._is_server = endpoint._server_config is not None
         self.handshake_done = gevent.event.Event()
         self.closed = gevent.event.Event()
         self.close_reason: ConnectionClosed | None = None
@@ -286,13 +304,15 @@ class Connection:
         self._close_callbacks: list[Callable[["Connection"], None]] = []
         self._raw: dict[int, Stream] = {}
         self._h3streams: dict[int, H3Stream] = {}
-        self._pending: list[qe.QuicEvent] = []
+        self._pending: list = []  # backend events that came before HTTP/3 was attached
         self._incoming_raw: gevent.queue.Queue = gevent.queue.Queue()
         self._blocked_writers: set[Stream] = set()
+        self._stream_credit: gevent.event.Event | None = None  # request openers wait on it
         self._loop = gevent.get_hub().loop
         self._timer = None
         self._timer_at: float | None = None
         self._transmit_scheduled = False
+        self._process_scheduled = False
         endpoint._add(self)
 
     def __repr__(self) -> str:
@@ -315,21 +335,34 @@ class Connection:
         else:
             self._close_callbacks.append(callback)
 
-    # -- driving aioquic ------------------------------------------------------------
+    # -- driving the backend ------------------------------------------------------------
     def process(self) -> None:
-        """Handle everything aioquic queued, wake blocked writers and transmit."""
+        """Handle everything the backend queued, wake blocked writers and transmit."""
+        self._process_scheduled = False
         try:
             self._process_events()
         except Exception:
             logger.exception("%r: internal error", self)
             self.quic.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase="internal error")
+        self._wake_writers()
+        credit = self._stream_credit
+        if credit is not None and (self.quic.can_open_stream() or self.close_reason is not None):
+            credit.set()
+        # Not at once: greenlets woken above get to answer first, in the same transmit.
+        self.schedule_transmit()
+
+    def schedule_process(self) -> None:
+        """Process events soon (flow control let held-back events through)."""
+        if not self._process_scheduled:
+            self._process_scheduled = True
+            self._loop.run_callback(self.process)
+
+    def _wake_writers(self) -> None:
         if self._blocked_writers:
             for stream in list(self._blocked_writers):
                 if stream._error is not None or self.quic.send_buffered(stream.stream_id) <= SEND_LOW_WATER:
                     self._blocked_writers.discard(stream)
                     stream._writable.set()
-        # Not at once: greenlets woken above get to answer first, in the same transmit.
-        self.schedule_transmit()
 
     def schedule_transmit(self) -> None:
         """Coalesce the sends of one loop iteration into one transmit."""
@@ -348,6 +381,7 @@ class Connection:
             sendto(data, addr)
         self._check_closed()
         self._arm_timer()
+        self._wake_writers()  # (with qh3, what is sent no longer counts as buffered)
 
     def _arm_timer(self) -> None:
         at = self.quic.get_timer()
@@ -374,20 +408,21 @@ class Connection:
 
     # -- events ---------------------------------------------------------------------
     def _process_events(self) -> None:
-        quic = self.quic
+        quic, ev = self.quic, self._ev
+        stream_events = (ev.StreamDataReceived, ev.StreamReset, ev.StopSendingReceived)
         while (event := quic.next_event()) is not None:
-            if isinstance(event, (qe.StreamDataReceived, qe.StreamReset, qe.StopSendingReceived)):
+            if isinstance(event, stream_events):
                 self._stream_event(event)
-            elif isinstance(event, qe.HandshakeCompleted):
+            elif isinstance(event, ev.HandshakeCompleted):
                 self.handshake_done.set()
-            elif isinstance(event, qe.ConnectionIdIssued):
+            elif isinstance(event, ev.ConnectionIdIssued):
                 self.cids.add(event.connection_id)
                 self.endpoint._by_cid[event.connection_id] = self
-            elif isinstance(event, qe.ConnectionIdRetired):
+            elif isinstance(event, ev.ConnectionIdRetired):
                 self.cids.discard(event.connection_id)
                 if self.endpoint._by_cid.get(event.connection_id) is self:
                     del self.endpoint._by_cid[event.connection_id]
-            elif isinstance(event, qe.ConnectionTerminated):
+            elif isinstance(event, ev.ConnectionTerminated):
                 self._terminated(event)
         self._check_closed()
 
@@ -398,7 +433,7 @@ class Connection:
             raw._on_quic_event(event)
         elif self.h3 is not None:
             self._h3_event(event)
-        elif isinstance(event, qe.StreamDataReceived) and sid % 4 == 0 and not self.quic._is_client:
+        elif isinstance(event, self._ev.StreamDataReceived) and sid % 4 == 0 and self._is_server:
             raw = self._raw[sid] = Stream(self, sid)
             raw._on_quic_event(event)
             self._incoming_raw.put(raw)
@@ -406,20 +441,21 @@ class Connection:
             self._pending.append(event)
 
     def _h3_event(self, event) -> None:
-        h3 = self.h3
+        h3, ev = self.h3, self._ev
         sid = event.stream_id
         bidi = sid & 2 == 0
         if bidi and not h3.is_request_stream(sid):
             return  # e.g. a second registration attempt: never parsed as HTTP/3
-        if isinstance(event, (qe.StreamDataReceived, qe.StreamReset)):
+        if isinstance(event, (ev.StreamDataReceived, ev.StreamReset)):
             stream = self._h3streams.get(sid)
             if stream is not None and stream._discarding:
-                if isinstance(event, qe.StreamReset) or event.end_stream:
+                if isinstance(event, ev.StreamReset) or event.end_stream:
                     self._forget(stream)
                 return
+        headers_received, data_received = ev.HeadersReceived, ev.DataReceived
         for ev in h3.handle_event(event):
             stream = self._h3streams.get(ev.stream_id)
-            if isinstance(ev, h3e.HeadersReceived):
+            if isinstance(ev, headers_received):
                 if stream is None:
                     if self.on_request is None or not h3.is_request_stream(ev.stream_id):
                         continue
@@ -429,18 +465,18 @@ class Connection:
                     self.on_request(stream)
                 else:
                     stream._on_headers(ev.headers, ev.stream_ended)
-            elif isinstance(ev, h3e.DataReceived) and stream is not None:
+            elif isinstance(ev, data_received) and stream is not None:
                 stream._on_data(ev.data, ev.stream_ended)
         if h3.malformed:
             self._abort_malformed(h3)
-        if isinstance(event, (qe.StreamReset, qe.StopSendingReceived)):
+        if isinstance(event, (self._ev.StreamReset, self._ev.StopSendingReceived)):
             stream = self._h3streams.get(sid)
             if stream is not None:
                 stream._on_quic_event(event)
-            if isinstance(event, qe.StreamReset):
+            if isinstance(event, self._ev.StreamReset):
                 h3.forget_stream(sid)
 
-    def _abort_malformed(self, h3: ReversedH3Connection) -> None:
+    def _abort_malformed(self, h3) -> None:
         """Fail just the streams whose message was malformed (not the connection)."""
         for bad_id, reason in list(h3.malformed.items()):
             if reason is None:
@@ -457,9 +493,9 @@ class Connection:
         if len(h3.malformed) > 1000:
             self.quic.close(error_code=H3_MESSAGE_ERROR, reason_phrase="too many malformed messages")
 
-    def attach_h3(self, *, http_client: bool) -> ReversedH3Connection:
+    def attach_h3(self, *, http_client: bool):
         """Start HTTP/3 on this connection (after registration) and replay early events."""
-        self.h3 = ReversedH3Connection(self.quic, http_client=http_client)
+        self.h3 = self.endpoint.backend.h3_connection(self.quic, http_client=http_client)
         pending, self._pending = self._pending, []
         for event in pending:
             self._h3_event(event)
@@ -470,7 +506,7 @@ class Connection:
     def open_stream(self) -> "Stream":
         """Open a raw client-initiated bidirectional stream (registration)."""
         self._raise_if_closed()
-        sid = self.quic.get_next_available_stream_id()
+        sid = self.quic.open_stream()
         stream = self._raw[sid] = Stream(self, sid)
         return stream
 
@@ -483,9 +519,16 @@ class Connection:
         return item
 
     def open_request(self, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> "H3Stream":
-        """Send request HEADERS on a new stream (HTTP client role)."""
+        """Send request HEADERS on a new stream (HTTP client role); waits while the peer's
+        stream limit allows no more."""
         self._raise_if_closed()
-        sid = self.quic.get_next_available_stream_id()
+        while not self.quic.can_open_stream():
+            if self._stream_credit is None:
+                self._stream_credit = gevent.event.Event()
+            self._stream_credit.clear()
+            self._stream_credit.wait()
+            self._raise_if_closed()
+        sid = self.quic.open_stream()
         stream = self._h3streams[sid] = H3Stream(self, sid)
         self.quic.busy += 1
         self.h3.send_headers(sid, headers, end_stream=end_stream)
@@ -503,10 +546,10 @@ class Connection:
             del self._raw[stream.stream_id]
         self._blocked_writers.discard(stream)
         if self.quic.release(stream.stream_id):
-            self.schedule_transmit()
+            self.schedule_process()
 
     def suspect(self, reason: str) -> None:
-        """The network says the peer may be gone: probe it now (see TunnelQuicConnection.suspect)."""
+        """The network says the peer may be gone: probe it now (see reverst.quic._common.Liveness.suspect)."""
         if self.is_open:
             self.quic.suspect(now(), reason)
             self.schedule_transmit()
@@ -527,7 +570,7 @@ class Connection:
             if event is not None:
                 self._mark_closed(event)
 
-    def _mark_closed(self, event: qe.ConnectionTerminated) -> None:
+    def _mark_closed(self, event) -> None:
         if self.close_reason is not None:
             return
         self.close_reason = ConnectionClosed(
@@ -537,6 +580,8 @@ class Connection:
         for stream in list(self._raw.values()) + list(self._h3streams.values()):
             stream._fail(self.close_reason)
         self._incoming_raw.put(None)
+        if self._stream_credit is not None:
+            self._stream_credit.set()
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             try:
@@ -544,8 +589,8 @@ class Connection:
             except Exception:
                 logger.exception("close callback failed")
 
-    def _terminated(self, event: qe.ConnectionTerminated | None = None) -> None:
-        self._mark_closed(event or qe.ConnectionTerminated(
+    def _terminated(self, event=None) -> None:
+        self._mark_closed(event or self._ev.ConnectionTerminated(
             error_code=AppErrorCode.OK, frame_type=None, reason_phrase="endpoint closed"))
         self._stop_timer()
         self._raw.clear()
@@ -574,11 +619,12 @@ class Stream:
 
     # called from the connection's event processing (never blocks)
     def _on_quic_event(self, event) -> None:
-        if isinstance(event, qe.StreamDataReceived):
+        ev = self.conn._ev
+        if isinstance(event, ev.StreamDataReceived):
             self._on_data(event.data, event.end_stream)
-        elif isinstance(event, qe.StreamReset):
+        elif isinstance(event, ev.StreamReset):
             self._fail(StreamReset(self.stream_id, event.error_code))
-        elif isinstance(event, qe.StopSendingReceived):
+        elif isinstance(event, ev.StopSendingReceived):
             self._send_error = StreamReset(self.stream_id, event.error_code)
             self._writable.set()
 
@@ -631,7 +677,7 @@ class Stream:
                 chunks.appendleft(data[n:])
                 data = data[:n]
         if self.conn.quic.release(self.stream_id, len(data)):
-            self.conn.schedule_transmit()
+            self.conn.schedule_process()
         return data
 
     @property
@@ -642,6 +688,12 @@ class Stream:
     def _send(self, data: bytes, end: bool) -> None:
         self.conn.quic.send_stream_data(self.stream_id, data, end)
 
+    def _send_failed(self, exc: Exception) -> StreamReset:
+        """The library refused a send: the peer reset or stopped the stream meanwhile."""
+        if self._send_error is None:
+            self._send_error = StreamReset(self.stream_id, H3_REQUEST_CANCELLED)
+        return self._send_error
+
     def write(self, data: bytes, end: bool = False) -> None:
         """Queue ``data``; blocks while the peer has not acknowledged enough."""
         self.queue(data, end)
@@ -650,7 +702,10 @@ class Stream:
     def queue(self, data: bytes, end: bool = False) -> None:
         """Queue ``data`` without waiting (callers bound what they queue; see write())."""
         self._check_writable()
-        self._send(data, end)
+        try:
+            self._send(data, end)
+        except self.conn._stream_errors as exc:
+            raise self._send_failed(exc) from exc
         self._send_ended = end
         self.conn.schedule_transmit()
 
@@ -734,7 +789,7 @@ class H3Stream(Stream):
 
     def _on_quic_event(self, event) -> None:
         super()._on_quic_event(event)
-        if isinstance(event, qe.StreamReset):
+        if isinstance(event, self.conn._ev.StreamReset):
             self._headers_ready.set()
 
     def _fail(self, exc: Exception) -> None:
@@ -753,6 +808,9 @@ class H3Stream(Stream):
 
     def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool = False) -> None:
         self._check_writable()
-        self.conn.h3.send_headers(self.stream_id, headers, end_stream=end)
+        try:
+            self.conn.h3.send_headers(self.stream_id, headers, end_stream=end)
+        except self.conn._stream_errors as exc:
+            raise self._send_failed(exc) from exc
         self._send_ended = end
         self.conn.schedule_transmit()

@@ -52,6 +52,9 @@ def _opt(*decls, env: str, **kwargs):
 DATAGRAM_HELP = ("Largest UDP datagram this side sends. Keep the default on real networks; "
                  "up to 16000 only where both ends allow it (loopback, jumbo frames): much "
                  "faster bulk transfers with aioquic.")
+BACKEND_HELP = ("QUIC implementation: qh3 (native core, much faster; pip install 'reverst[fast]'), "
+                "aioquic (pure Python), or auto: qh3 when installed.")
+_backend_choice = click.Choice(["auto", "aioquic", "qh3"], case_sensitive=False)
 _log_choice = click.Choice(sorted(LOG_LEVELS), case_sensitive=False)
 _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
 
@@ -84,9 +87,11 @@ _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
       callback=_duration, help="QUIC keep-alive period (Go duration).")
 @_opt("--max-datagram-size", env="MAX_DATAGRAM_SIZE", default=1452, show_default=True,
       type=click.IntRange(1200, 16000), help=DATAGRAM_HELP)
+@_opt("--quic-backend", env="QUIC_BACKEND", default="auto", show_default=True, type=_backend_choice,
+      help=BACKEND_HELP)
 def reverstd(log, log_format, access_log, tunnel_address, http_address, server_name, private_key_path,
              certificate_path, tunnel_groups, watch_groups, management_address, max_idle_timeout,
-             keep_alive_period, max_datagram_size):
+             keep_alive_period, max_datagram_size, quic_backend):
     """Run the reverst tunnel server."""
     _setup_logging(log, log_format)
     import prometheus_client
@@ -104,11 +109,16 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
         if watcher is not None:
             watcher.stop()
         raise click.ClickException(str(exc)) from None
-    server = TunnelServer(
-        groups, certificate_path=certificate_path, private_key_path=private_key_path,
-        server_name=server_name, tunnel_address=tunnel_address, http_address=http_address,
-        management_address=management_address, max_idle_timeout=max_idle_timeout,
-        keep_alive_period=keep_alive_period, access_log=access_log, max_datagram_size=max_datagram_size)
+    try:
+        server = TunnelServer(
+            groups, certificate_path=certificate_path, private_key_path=private_key_path,
+            server_name=server_name, tunnel_address=tunnel_address, http_address=http_address,
+            management_address=management_address, max_idle_timeout=max_idle_timeout,
+            keep_alive_period=keep_alive_period, access_log=access_log, max_datagram_size=max_datagram_size,
+            quic_backend=quic_backend)
+    except ImportError as exc:  # --quic-backend qh3 without qh3 installed
+        watcher.stop()
+        raise click.ClickException(str(exc)) from None
     watcher.on_error = lambda exc: server.metrics.reloaded(ok=False)
     try:
         server.start()
@@ -220,6 +230,8 @@ def _client_options(fn):
              callback=_duration),
         _opt("--max-datagram-size", env="MAX_DATAGRAM_SIZE", default=1452, show_default=True,
              type=click.IntRange(1200, 16000), help=DATAGRAM_HELP),
+        _opt("--quic-backend", env="QUIC_BACKEND", default="auto", show_default=True, type=_backend_choice,
+             help=BACKEND_HELP),
         _opt("--connections", env="CONNECTIONS", default=1, show_default=True,
              type=click.IntRange(1, 64), help="Independent tunnel connections to open."),
         _opt("--grace-period", env="GRACE_PERIOD", default="30s", show_default=True, callback=_duration,
@@ -277,12 +289,16 @@ def _run_client(app, description: str, opts: dict, threads: int) -> None:
             click.echo(f"reverst: {description} is reachable through {client.host}:{client.port} "
                        f"in tunnel group {group!r}", err=True)
 
-    client = Client(
-        app, opts["tunnel_address"], tunnel_group=group, server_name=opts["server_name"],
-        auth=_auth(opts["username"], opts["password"], opts["token"], opts["scheme"]),
-        ca_file=opts["cacert_path"], insecure=opts["insecure"], max_idle_timeout=opts["max_idle_timeout"],
-        keep_alive_period=opts["keep_alive_period"], app_threads=threads,
-        connections=opts["connections"], max_datagram_size=opts["max_datagram_size"], on_ready=ready)
+    try:
+        client = Client(
+            app, opts["tunnel_address"], tunnel_group=group, server_name=opts["server_name"],
+            auth=_auth(opts["username"], opts["password"], opts["token"], opts["scheme"]),
+            ca_file=opts["cacert_path"], insecure=opts["insecure"], max_idle_timeout=opts["max_idle_timeout"],
+            keep_alive_period=opts["keep_alive_period"], app_threads=threads,
+            connections=opts["connections"], max_datagram_size=opts["max_datagram_size"], on_ready=ready,
+            quic_backend=opts["quic_backend"])
+    except ImportError as exc:  # --quic-backend qh3 without qh3 installed
+        raise click.ClickException(str(exc)) from None
     _stop_on_signals(lambda: client.stop(opts["grace_period"]))
     try:
         client.dial_and_serve()

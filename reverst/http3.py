@@ -1,19 +1,16 @@
-"""HTTP/3 with the roles reversed (sans-io).
+"""HTTP/3 with the roles reversed (sans-io), and the hop-by-hop rules.
 
 In a tunnel the QUIC client (the tunnel client) is the HTTP/3 *server* and ``reverstd``
 (the QUIC server) is the HTTP/3 *client*, sending requests on server-initiated
-bidirectional streams 1, 5, 9...  aioquic's :class:`H3Connection` takes its HTTP role
-from the QUIC role; this is the one place that bends it.  Tested with aioquic 1.7.x
-(see the pin in setup.cfg and tests/test_http3.py).
+bidirectional streams 1, 5, 9...  Both aioquic's and qh3's ``H3Connection`` take their
+HTTP role from the QUIC role; :class:`ReversedRoles` is the one place that bends it, as a
+mixin each QUIC backend puts in front of its library's class (reverst.quic._aioquic,
+reverst.quic._qh3).  It touches private names: the backends pin their library's version
+and tests/test_http3.py runs on both.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
-
-import pylsqpack
-from aioquic.h3.connection import H3Connection, H3Stream, MessageError
-from aioquic.quic.connection import QuicConnection, stream_is_client_initiated, stream_is_unidirectional
 
 #: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, Go's list).
 HOP_BY_HOP = frozenset({
@@ -31,30 +28,47 @@ H3_REQUEST_CANCELLED = 0x10C
 H3_MESSAGE_ERROR = 0x10E
 
 
-class ReversedH3Connection(H3Connection):
-    """An :class:`H3Connection` whose HTTP role is given, not taken from QUIC.
+def stream_is_unidirectional(stream_id: int) -> bool:
+    return bool(stream_id & 2)
+
+
+def stream_is_client_initiated(stream_id: int) -> bool:
+    return not stream_id & 1
+
+
+class ReversedRoles:
+    """An ``H3Connection`` whose HTTP role is given, not taken from QUIC.
 
     ``http_client=True`` on the QUIC server (reverstd sends requests);
     ``http_client=False`` on the QUIC client (the tunnel client answers them).
+
+    The backend's subclass sets ``_stream_class`` (its library's H3Stream),
+    ``_message_error`` (its MessageError) and :meth:`_no_dynamic_table_decoder`.
     """
 
-    def __init__(self, quic: QuicConnection, *, http_client: bool) -> None:
+    _stream_class: type
+    _message_error: type
+
+    def __init__(self, quic, *, http_client: bool) -> None:
         self._http_client = http_client
         self._head_requests: set[int] = set()
         #: stream id -> why its message was malformed; the owner resets just that stream
-        #: (aioquic would close the whole connection, and with it every other request).
-        self.malformed: dict[int, str] = {}
+        #: (the libraries would close the whole connection, and with it every other request).
+        self.malformed: dict[int, str | None] = {}
         super().__init__(quic)
 
     def _init_connection(self) -> None:
         # No QPACK dynamic table, as the Go peers: with one, every request's headers were
         # acknowledged on the decoder stream in a datagram of its own (~1 more datagram per
         # request each way at one request in flight), and a tunnel's few headers gain little.
-        # H3Connection.__init__ sets 4096/16 and its decoder just before this call; the
-        # SETTINGS sent below are built from these attributes.
+        # H3Connection.__init__ sets the capacities and its decoder just before this call;
+        # the SETTINGS sent below are built from these attributes.
         self._max_table_capacity = self._blocked_streams = 0
-        self._decoder = pylsqpack.Decoder(0, 0)
+        self._decoder = self._no_dynamic_table_decoder()
         super()._init_connection()
+
+    def _no_dynamic_table_decoder(self):
+        raise NotImplementedError
 
     # H3Connection assigns self._is_client from the QUIC role in __init__; every use of
     # it is an HTTP-role decision except the unidirectional-stream bookkeeping below.
@@ -66,26 +80,19 @@ class ReversedH3Connection(H3Connection):
     def _is_client(self, quic_is_client: bool) -> None:
         self._quic_is_client = quic_is_client
 
-    @contextlib.contextmanager
-    def _get_or_create_stream(self, stream_id: int):
-        if stream_id not in self._stream:
-            stream = H3Stream(stream_id)
-            if stream_is_unidirectional(stream_id):
-                # Which half of a unidirectional stream exists follows the QUIC role.
-                if stream_is_client_initiated(stream_id) == self._quic_is_client:
-                    stream.receiving_ended = True
-                else:
-                    stream.sending_ended = True
-            self._stream[stream_id] = stream
-        stream = self._stream[stream_id]
-        try:
-            yield stream
-        finally:
-            if stream.is_ended():
-                self._stream.pop(stream_id)
+    def _new_stream(self, stream_id: int):
+        stream = self._stream_class(stream_id)
+        if stream_is_unidirectional(stream_id):
+            # Which half of a unidirectional stream exists follows the QUIC role.
+            if stream_is_client_initiated(stream_id) == self._quic_is_client:
+                stream.receiving_ended = True
+            else:
+                stream.sending_ended = True
+        self._stream[stream_id] = stream
+        return stream
 
     def forget_stream(self, stream_id: int) -> None:
-        """Drop a request stream's state after a reset (aioquic only does it for 0 mod 4)."""
+        """Drop a request stream's state after a reset (the libraries only do it for 0 mod 4)."""
         self._stream.pop(stream_id, None)
         self._head_requests.discard(stream_id)
         self.malformed.pop(stream_id, None)
@@ -95,25 +102,13 @@ class ReversedH3Connection(H3Connection):
             self._head_requests.add(stream_id)  # its response has a length but no content
         super().send_headers(stream_id, headers, end_stream)
 
-    def _check_content_length(self, stream: H3Stream) -> None:
-        if stream.stream_id not in self._head_requests:
-            super()._check_content_length(stream)
-
-    def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended):
+    def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended, **kwargs):
         if stream.stream_id in self.malformed:
             return []
         try:
-            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended)
-        except MessageError as exc:
-            self.malformed[stream.stream_id] = exc.reason_phrase
-            return []
-
-    def _handle_request_or_push_end(self, stream):
-        if stream.stream_id in self.malformed:
-            return []
-        try:
-            return super()._handle_request_or_push_end(stream)
-        except MessageError as exc:
+            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended,
+                                                         **kwargs)
+        except self._message_error as exc:
             self.malformed[stream.stream_id] = exc.reason_phrase
             return []
 

@@ -104,8 +104,12 @@ class TunnelStats:
     group: str
     peer: str
     connected_at: float  # wall-clock seconds
+    quic: object = None  # the backend connection (its loss detection counts lost packets)
     requests: int = 0
-    lost_packets: int = 0
+
+    @property
+    def lost_packets(self) -> int:
+        return self.quic.lost_packets if self.quic is not None else 0
 
 
 @dataclass
@@ -150,10 +154,8 @@ class ServerMetrics:
             "reverst_tunnel_group_sent_bytes_total",
             "Response body bytes received from the group's tunnels and sent to public clients",
             ["tunnel_group"], registry=registry)
-        self.lost_packets = Counter(
-            "reverst_tunnel_group_lost_packets_total",
-            "QUIC packets to the group's tunnels that loss detection declared lost",
-            ["tunnel_group"], registry=registry)
+        #: lost packets of the tunnels that closed, by group (live ones are read at scrape time)
+        self.lost_packets_closed: dict[str, int] = {}
         self.reloads = Counter(
             "reverst_tunnel_groups_reloads_total",
             "Tunnel groups configurations read while running, by result (success, failure)",
@@ -187,16 +189,13 @@ class ServerMetrics:
             self.registration_failures.labels(error).inc()
 
     def tunnel_registered(self, conn, group: str, peer: str) -> None:
-        stats = self.tunnels[conn] = TunnelStats(group, peer, getattr(conn, "connected_at", time.time()))
-        lost = self.lost_packets.labels(group)
-
-        def on_lost(n: int) -> None:
-            stats.lost_packets += n
-            lost.inc(n)
-        count_lost_packets(conn.quic, on_lost)
+        self.tunnels[conn] = TunnelStats(group, peer, getattr(conn, "connected_at", time.time()), conn.quic)
 
     def tunnel_closed(self, conn) -> None:
-        self.tunnels.pop(conn, None)
+        stats = self.tunnels.pop(conn, None)
+        if stats is not None and stats.lost_packets:
+            closed = self.lost_packets_closed
+            closed[stats.group] = closed.get(stats.group, 0) + stats.lost_packets
 
     def reloaded(self, ok: bool = True) -> None:
         self.reloads.labels("success" if ok else "failure").inc()
@@ -363,30 +362,10 @@ class OpenConnections:
             self.count -= 1
 
 
-def count_lost_packets(quic, on_lost: Callable[[int], None]) -> None:
-    """Call ``on_lost(n)`` whenever aioquic's loss detection declares ``n`` packets of
-    ``quic`` lost (a congestion event; packets a PTO merely retransmits early are not
-    counted). aioquic keeps no such counter: this wraps its private recovery method."""
-    loss = getattr(quic, "_loss", None)
-    original = getattr(loss, "_on_packets_lost", None)
-    if original is None:
-        return
-
-    def on_packets_lost(*, packets, congestion_event: bool = True, **kwargs):
-        if congestion_event:
-            packets = list(packets)
-            if packets:
-                on_lost(len(packets))
-        return original(packets=packets, congestion_event=congestion_event, **kwargs)
-    loss._on_packets_lost = on_packets_lost
-
-
 def smoothed_rtt(conn) -> float | None:
-    """The connection's smoothed RTT in seconds (aioquic's recovery state), None before a sample."""
-    loss = getattr(getattr(conn, "quic", None), "_loss", None)
-    if loss is None or not getattr(loss, "_rtt_initialized", False):
-        return None
-    return loss._rtt_smoothed
+    """The connection's smoothed RTT in seconds (its QUIC recovery state), None before a sample."""
+    quic = getattr(conn, "quic", None)
+    return quic.smoothed_rtt if quic is not None else None
 
 
 class _StateCollector:
@@ -423,6 +402,15 @@ class _StateCollector:
         yield in_flight
         yield rtt
         yield rtt_max
+        lost = dict(self.metrics.lost_packets_closed)
+        for stats in list(self.metrics.tunnels.values()):  # (a counter: closed + live, never less)
+            lost[stats.group] = lost.get(stats.group, 0) + stats.lost_packets
+        lost_family = CounterMetricFamily("reverst_tunnel_group_lost_packets",
+                                          "QUIC packets to the group's tunnels that loss detection declared lost",
+                                          labels=["tunnel_group"])
+        for name in sorted(set(lost) | set(server.groups.groups)):
+            lost_family.add_metric([name], lost.get(name, 0))
+        yield lost_family
         yield CounterMetricFamily("reverst_quic_dropped_datagrams_total",
                                   "UDP datagrams dropped by the tunnel endpoint (unparseable, unknown "
                                   "connection, or no room to send)", value=server.dropped_datagrams)

@@ -17,8 +17,6 @@ import gevent.lock
 import gevent.pywsgi
 import gevent.queue
 import gevent.server
-from aioquic.quic.configuration import QuicConfiguration
-
 from . import auth, http1, protocol
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
@@ -26,22 +24,13 @@ from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
 from .http3 import H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
 from .logs import format_address
 from .metrics import ServerMetrics
+from .quic import load_backend
 
 logger = logging.getLogger(__name__)
 
 #: quic-go's default; requests beyond it wait for a free stream.
 MAX_REQUESTS_PER_CONNECTION = 100
 CHUNK = 64 * 1024
-
-
-def server_configuration(certificate_path: str, private_key_path: str, *, idle_timeout: float,
-                         max_datagram_size: int = 1452, window: int = 4 * 1024 * 1024) -> QuicConfiguration:
-    cfg = QuicConfiguration(
-        is_client=False, alpn_protocols=[protocol.ALPN], idle_timeout=idle_timeout,
-        max_datagram_size=max_datagram_size, max_stream_data=window, max_data=4 * window,
-    )
-    cfg.load_cert_chain(certificate_path, private_key_path)
-    return cfg
 
 
 class _Tunnels:
@@ -95,7 +84,8 @@ class TunnelServer:
                  management_address: tuple[str, int] | None = None,
                  max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
                  registration_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
-                 max_datagram_size: int = 1452, access_log: bool = True) -> None:
+                 max_datagram_size: int = 1452, access_log: bool = True,
+                 quic_backend: str | None = None) -> None:
         #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
         #: answers 503 until :meth:`update_groups` is called)
         self.groups_loaded = gevent.event.Event()
@@ -106,9 +96,11 @@ class TunnelServer:
         self.groups = groups
         self.server_name = server_name
         self.registration_timeout = registration_timeout
-        self._quic_config = server_configuration(
-            certificate_path, private_key_path, idle_timeout=max_idle_timeout,
-            max_datagram_size=max_datagram_size)
+        #: the QUIC backend module (reverst.quic): ``quic_backend`` names it (auto, aioquic, qh3)
+        self.backend = load_backend(quic_backend)
+        self._quic_config = self.backend.server_configuration(
+            certificate_path=certificate_path, private_key_path=private_key_path,
+            idle_timeout=max_idle_timeout, max_datagram_size=max_datagram_size)
         with open(private_key_path, "rb") as fh:  # stable across restarts, never sent
             reset_key = hashlib.sha256(b"reverst stateless reset\0" + fh.read()).digest()
         self._conn_options = {"keep_alive": keep_alive_period, "dead_peer_timeout": dead_peer_timeout,
@@ -133,7 +125,7 @@ class TunnelServer:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        self._endpoint = Endpoint.bind(*self._tunnel_bind, server_config=self._quic_config,
+        self._endpoint = Endpoint.bind(*self._tunnel_bind, backend=self.backend, server_config=self._quic_config,
                                        on_connection=self._on_connection,
                                        connection_options=self._conn_options)
         self._endpoint.start()
@@ -152,8 +144,8 @@ class TunnelServer:
         for group in self.groups.groups.values():
             if group.is_open:
                 logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
-        logger.info("listening for tunnels on udp %s, public http on tcp %s",
-                    format_address(self.tunnel_address), format_address(self.http_address))
+        logger.info("listening for tunnels on udp %s, public http on tcp %s (QUIC backend %s)",
+                    format_address(self.tunnel_address), format_address(self.http_address), self.backend.NAME)
         self._trimmer = gevent.spawn(self._trim_memory)
         self.ready.set()
 

@@ -3,15 +3,33 @@
 aioquic ``tests/test_connection.py`` style: datagrams go from ``datagrams_to_send(now)``
 straight to the peer's ``receive_datagram()``; time moves only through ``get_timer()`` /
 ``handle_timer()``. No sockets, no sleeps.
+
+The QUIC backend is the one the run selects (``REVERST_QUIC_BACKEND``, else auto), named
+once here: ``BACKEND`` and its library's own classes (aioquic and qh3 share the layout).
 """
 from __future__ import annotations
 
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+import importlib
 
 from reverst.protocol import ALPN
-from reverst.quic import TunnelQuicConnection
+from reverst.quic import load_backend
+
+BACKEND = load_backend()
+LIBRARY = BACKEND.NAME  # "aioquic" or "qh3": the library's package name too
+events = importlib.import_module(f"{LIBRARY}.quic.events")
+h3_events = importlib.import_module(f"{LIBRARY}.h3.events")
+QuicConfiguration = importlib.import_module(f"{LIBRARY}.quic.configuration").QuicConfiguration
+QuicConnection = importlib.import_module(f"{LIBRARY}.quic.connection").QuicConnection
+H3Connection = importlib.import_module(f"{LIBRARY}.h3.connection").H3Connection
+TunnelQuicConnection = BACKEND.TunnelQuicConnection
+ReversedH3Connection = BACKEND.ReversedH3Connection
+
+
+def unacked_packets(conn) -> int:
+    """Packets ``conn`` sent that its peer has not acknowledged yet (library state)."""
+    if LIBRARY == "qh3":
+        return len(conn._core.outstanding_application_packets)
+    return sum(len(space.sent_packets) for space in conn._loss.spaces)
 
 CLIENT_ADDR = ("10.0.0.1", 50000)
 SERVER_ADDR = ("10.0.0.2", 8443)
@@ -99,6 +117,8 @@ def make_link(tls, *, client_cls=TunnelQuicConnection, server_cls=TunnelQuicConn
               client_kwargs=None, server_kwargs=None, server_config=None, handshake=True,
               **config) -> Link:
     certfile, keyfile, ca_pem = tls
+    if LIBRARY == "qh3":  # see reverst.quic._qh3._configuration
+        config.setdefault("max_datagram_frame_size", 65536)
     client_config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                       server_name=SERVER_NAME, **config)
     client_config.load_verify_locations(cadata=ca_pem)

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from .conftest import ROOT
@@ -34,4 +35,16 @@ def test_protocol_layers_import_without_gevent():
     code = ("import sys, reverst.protocol, reverst.config, reverst.auth, reverst.wsgi, "
             "reverst.http3, reverst.quic, reverst.durations; "
             "assert 'gevent' not in sys.modules, 'gevent imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["aioquic", "qh3"])
+def test_each_quic_backend_imports_without_gevent_or_the_other_library(backend):
+    """The sans-io backends: each imports its own library only (and never gevent)."""
+    pytest.importorskip(backend)
+    other = {"aioquic": "qh3", "qh3": "aioquic"}[backend]
+    code = (f"import sys; from reverst.quic import load_backend; b = load_backend({backend!r}); "
+            f"assert b.NAME == {backend!r}; "
+            f"assert 'gevent' not in sys.modules, 'gevent imported'; "
+            f"assert {other!r} not in sys.modules, {other!r} + ' imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import random
 
 import pytest
-from aioquic.quic import events
-from aioquic.quic.connection import QuicConnection
 
 from reverst.protocol import AppErrorCode
-from reverst.quic import BUSY_PROBE_INTERVAL, SUSPECT_GRACE, TunnelQuicConnection
+from reverst.quic import BUSY_PROBE_INTERVAL, SUSPECT_GRACE
 
-from .inmemory import CLIENT_ADDR, SERVER_ADDR, Link, make_link
+from .inmemory import (CLIENT_ADDR, LIBRARY, SERVER_ADDR, Link, QuicConnection, TunnelQuicConnection, events,
+                       make_link)
 
 KiB = 1024
 MiB = 1024 * KiB
 STREAM_WINDOW = 64 * KiB
 CONN_WINDOW = 256 * KiB
+
+aioquic_only = pytest.mark.skipif(LIBRARY != "aioquic", reason="per-stream consumption credit (aioquic "
+                                  "backend); the qh3 backend's bound is per connection: test_qh3_*")
+qh3_only = pytest.mark.skipif(LIBRARY != "qh3", reason="the qh3 backend's connection-wide gate")
 
 @pytest.fixture
 def small(tls) -> Link:
@@ -67,6 +70,7 @@ def payload(size: int, seed: int) -> bytes:
 # -- flow control -----------------------------------------------------------------
 
 
+@aioquic_only
 @pytest.mark.parametrize("direction", ["client-to-server", "server-to-client"])
 def test_receive_window_follows_consumption_not_arrival(small, direction):
     sender, receiver = ((small.client, small.server) if direction == "client-to-server"
@@ -101,6 +105,7 @@ def test_receive_window_follows_consumption_not_arrival(small, direction):
     assert receiver.closed_event is None and sender.closed_event is None
 
 
+@aioquic_only
 def test_connection_window_bounds_all_streams_together(small):
     sender, receiver = small.client, small.server
     reader = small.on_event[receiver] = Holder(receiver)
@@ -127,6 +132,7 @@ def test_connection_window_bounds_all_streams_together(small):
     assert {sid: bytes(reader.data[sid]) for sid in bodies} == bodies
 
 
+@aioquic_only
 def test_release_reports_when_an_update_is_due(small):
     sender, receiver = small.client, small.server
     reader = small.on_event[receiver] = Holder(receiver)
@@ -142,6 +148,7 @@ def test_release_reports_when_an_update_is_due(small):
     assert receiver.release(sid) is False  # nothing left
 
 
+@aioquic_only
 def test_send_buffered_counts_queued_unacknowledged_bytes(small):
     sender, receiver = small.client, small.server
     reader = small.on_event[receiver] = Holder(receiver)
@@ -169,6 +176,98 @@ def test_send_buffered_counts_queued_unacknowledged_bytes(small):
     small.advance(0.5)
     assert reader.received(sid) == 210 * KiB
     assert sender.send_buffered(sid) == 0
+
+
+@qh3_only
+def test_qh3_unread_data_is_bounded_by_the_budget_and_flows_again_when_read(small):
+    sender, receiver = small.client, small.server
+    reader = small.on_event[receiver] = Holder(receiver)
+    assert receiver.budget == CONN_WINDOW
+    body = payload(4 * MiB, seed=1)
+    sid = sender.get_next_available_stream_id()
+    sender.send_stream_data(sid, body, end_stream=True)
+
+    # Nothing is read: the gate shuts once the budget is held; credit stops with it.
+    small.advance(3.0)
+    held = reader.received(sid)
+    assert CONN_WINDOW <= held <= 2 * CONN_WINDOW  # (the budget, and what one receive popped)
+    left_sender = len(body) - sender.send_buffered(sid)
+    small.advance(5.0)
+    assert reader.received(sid) == held
+    assert len(body) - sender.send_buffered(sid) == left_sender <= held + 2 * CONN_WINDOW
+
+    # Read it 16 KiB at a time: the transfer resumes and completes intact.
+    for _ in range(20_000):
+        if sid in reader.ended:
+            break
+        reader.release(sid, 16 * KiB)
+        small.advance(0.05)
+        assert reader.received(sid) - reader.released[sid] <= 2 * CONN_WINDOW
+    assert bytes(reader.data[sid]) == body
+    assert receiver.closed_event is None and sender.closed_event is None
+
+
+@qh3_only
+def test_qh3_a_stream_nobody_reads_stalls_its_connection_once_the_budget_is_full(small):
+    """The documented cost of the connection-wide gate (README, QUIC backends)."""
+    sender, receiver = small.client, small.server
+    reader = small.on_event[receiver] = Holder(receiver)
+    unread, read = sender.get_next_available_stream_id(), None
+    sender.send_stream_data(unread, payload(2 * MiB, seed=2), end_stream=True)
+    read = sender.get_next_available_stream_id()
+    sender.send_stream_data(read, payload(2 * MiB, seed=3), end_stream=True)
+    for _ in range(200):
+        reader.release(read)
+        small.advance(0.05)
+    stalled = reader.received(read)
+    assert stalled < 2 * MiB  # stalled behind the unread stream
+    for _ in range(20):
+        reader.release(read)
+        small.advance(0.05)
+    assert reader.received(read) == stalled
+    for _ in range(20_000):  # the unread stream is read after all: both complete
+        if reader.ended == {unread, read}:
+            break
+        reader.release(read)
+        reader.release(unread)
+        small.advance(0.05)
+    assert reader.ended == {unread, read}
+
+
+@qh3_only
+def test_qh3_release_reports_when_held_back_events_were_let_through(small):
+    sender, receiver = small.client, small.server
+    reader = small.on_event[receiver] = Holder(receiver)
+    sid = sender.get_next_available_stream_id()
+    sender.send_stream_data(sid, payload(4 * CONN_WINDOW, seed=4))
+    small.advance(2.0)
+    assert receiver._gate_shut()
+    assert receiver.release(sid + 400, 10) is False  # nothing held there
+    assert reader.release(sid, 1) is (not receiver._gate_shut())
+    reader.release(sid, CONN_WINDOW)
+    assert not receiver._gate_shut()
+    assert reader.release(sid) is False  # already open: nothing waited
+
+
+@qh3_only
+def test_qh3_send_buffered_counts_queued_unsent_bytes(small):
+    sender, receiver = small.client, small.server
+    reader = small.on_event[receiver] = Holder(receiver)
+    sid = sender.get_next_available_stream_id()
+    assert sender.send_buffered(sid) == 0  # no such stream yet
+    sender.send_stream_data(sid, payload(10 * KiB, seed=5))
+    assert sender.send_buffered(sid) == 10 * KiB
+    assert sender.datagrams_to_send(now=small.now)  # sent (lost, as it happens): no longer queued
+    assert sender.send_buffered(sid) == 0
+    sender.send_stream_data(sid, payload(8 * CONN_WINDOW, seed=6))  # beyond what the gate lets in
+    small.advance(3.0)
+    assert sender.send_buffered(sid) > 0  # waits for credit
+    for _ in range(20_000):
+        if sender.send_buffered(sid) == 0 and reader.received(sid) == 10 * KiB + 8 * CONN_WINDOW:
+            break
+        reader.release(sid)
+        small.advance(0.05)
+    assert reader.received(sid) == 10 * KiB + 8 * CONN_WINDOW
 
 
 # -- keep-alive and liveness --------------------------------------------------------

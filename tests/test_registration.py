@@ -4,7 +4,6 @@ import time
 
 import gevent
 import pytest
-from aioquic.quic.configuration import QuicConfiguration
 
 from reverst import protocol
 from reverst._transport import Endpoint
@@ -27,8 +26,8 @@ class RawTunnel:
     def __init__(self, server, certs):
         self.endpoint = Endpoint.bind("127.0.0.1", 0)
         self.endpoint.start()
-        cfg = QuicConfiguration(is_client=True, alpn_protocols=[protocol.ALPN], server_name="localhost")
-        cfg.load_verify_locations(certs["ca"])
+        cfg = self.endpoint.backend.client_configuration(server_name="localhost", idle_timeout=60.0,
+                                                         max_datagram_size=1452, ca_file=certs["ca"])
         self.conn = self.endpoint.connect(address(server), cfg)
         with gevent.Timeout(5):
             self.conn.handshake_done.wait()

@@ -10,18 +10,17 @@ import functools
 import logging
 import random
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import gevent
 import gevent.event
-from aioquic.quic.configuration import QuicConfiguration
 
 from .. import protocol
 from .._transport import Connection, Endpoint, parse_address
 from ..auth import basic_authorization, bearer_authorization
+from ..quic import load_backend
 from ..errors import (BadRequest, ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
                       ServerError, Unauthorized)
 from ._handler import WSGIHandler
@@ -83,7 +82,7 @@ class Client:
                  app_threads: int = 100, connections: int = 1, max_retries: int | None = None,
                  backoff: tuple[float, float] = (0.1, 30.0), healthy_after: float = 60.0,
                  handshake_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
-                 max_datagram_size: int = 1452) -> None:
+                 max_datagram_size: int = 1452, quic_backend: str | None = None) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
         self.app = app
@@ -102,6 +101,8 @@ class Client:
         self.handshake_timeout = handshake_timeout
         self.dead_peer_timeout = dead_peer_timeout
         self.max_datagram_size = max_datagram_size
+        #: the QUIC backend module (reverst.quic): ``quic_backend`` names it (auto, aioquic, qh3)
+        self.backend = load_backend(quic_backend)
         self._handler = WSGIHandler(app, threads=app_threads)
         self._stopping = gevent.event.Event()
         self._stopped = gevent.event.Event()  # set by stop() once connections are closed
@@ -263,17 +264,10 @@ class Client:
         delay = min(high, low * 2 ** (failures - 1))
         return delay * random.uniform(0.9, 1.1)
 
-    def _configuration(self) -> QuicConfiguration:
-        cfg = QuicConfiguration(
-            is_client=True, alpn_protocols=[protocol.ALPN], server_name=self.server_name,
-            idle_timeout=self.max_idle_timeout, max_datagram_size=self.max_datagram_size,
-            max_stream_data=4 * 1024 * 1024, max_data=16 * 1024 * 1024,
-        )
-        if self.insecure:
-            cfg.verify_mode = ssl.CERT_NONE
-        elif self.ca_file:
-            cfg.load_verify_locations(cafile=self.ca_file)
-        return cfg
+    def _configuration(self):
+        return self.backend.client_configuration(
+            server_name=self.server_name, idle_timeout=self.max_idle_timeout,
+            max_datagram_size=self.max_datagram_size, insecure=self.insecure, ca_file=self.ca_file)
 
     def _close_endpoint(self, slot: int) -> None:
         endpoint, self._endpoints[slot] = self._endpoints[slot], None
@@ -283,7 +277,8 @@ class Client:
     def _dial_and_register(self, slot: int) -> Connection:
         infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
         family, _, _, _, addr = infos[0]
-        endpoint = self._endpoints[slot] = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        endpoint = self._endpoints[slot] = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0,
+                                                         backend=self.backend)
         endpoint.start()
         conn = endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
                                 dead_peer_timeout=self.dead_peer_timeout)
@@ -291,7 +286,11 @@ class Client:
             with gevent.Timeout(self.handshake_timeout, ServerError("handshake timed out")):
                 gevent.wait([conn.handshake_done, conn.closed], count=1)
             if conn.close_reason is not None:
-                raise self._error(conn.close_reason)
+                closed = conn.close_reason
+                if not closed.application:  # TLS or transport: say which name was checked
+                    raise ServerError(f"handshake with {self.host}:{self.port} as {self.server_name!r} "
+                                      f"failed: {closed}")
+                raise self._error(closed)
             stream = conn.open_stream()
             metadata = {"Authorization": self.auth.authorization()} if self.auth else None
             stream.write(protocol.encode_request(protocol.RegisterRequest(self.tunnel_group, metadata)))

@@ -16,8 +16,6 @@ from collections import deque
 from typing import Callable
 
 import gevent
-from aioquic.h3.connection import ProtocolError as H3ProtocolError
-from aioquic.h3.exceptions import H3Error
 from gevent import monkey
 
 from .._transport import H3Stream
@@ -165,7 +163,7 @@ def _quietly(fn: Callable, *args) -> None:
     # A posted write to a stream the peer reset: the worker learns it at its next call.
     try:
         fn(*args)
-    except (ReverstError, H3Error, H3ProtocolError):
+    except ReverstError:
         pass
 
 

@@ -1,89 +1,78 @@
-"""aioquic's QuicConnection with what a long-lived tunnel needs (sans-io).
+"""The aioquic backend: aioquic's QuicConnection and H3Connection with what a long-lived
+tunnel needs (sans-io).
 
 * Receive windows follow what the application consumed, not what arrived: aioquic
   doubles a window whenever half of it has been *received*, so a fast sender could fill
   unbounded memory behind a slow reader.  Here the owner reports bytes it holds
-  (:meth:`hold`) and releases them as they are read (:meth:`release`); windows only
-  grow past bytes released.
-* Keep-alive PINGs (aioquic sends none) and a dead-peer probe: while requests are in
-  flight and the peer is quiet, PING it; a PING unanswered for ``dead_peer_timeout``
-  closes the connection instead of waiting for the idle timeout.  :meth:`suspect`
-  (an ICMP unreachable seen by the shell) probes at once with a deadline of a few RTTs.
-* :attr:`closed_event` exposes a peer's or our own close as soon as the connection
-  enters closing/draining; aioquic only emits ConnectionTerminated ~3 PTO later.
+  (:meth:`TunnelQuicConnection.hold`) and releases them as they are read
+  (:meth:`~TunnelQuicConnection.release`); windows only grow past bytes released, per stream.
+* Liveness (keep-alive, dead-peer probe, suspect) from :class:`~reverst.quic._common.Liveness`.
+* :attr:`~TunnelQuicConnection.closed_event` exposes a peer's or our own close as soon as
+  the connection enters closing/draining; aioquic only emits ConnectionTerminated ~3 PTO later.
+* Stateless resets: tokens derived from the server key on every connection id we issue,
+  and detection of incoming resets (aioquic has none).
+* Delayed ACKs that ride on the data of the next answer.
 
 Touches private aioquic names: keep the pin in setup.cfg and the loopback tests.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import hmac
+import ssl
+from types import SimpleNamespace
 
+import pylsqpack
 from aioquic import tls
 from aioquic.buffer import Buffer
-from aioquic.quic import events
+from aioquic.h3 import events as h3_events
+from aioquic.h3.connection import H3Connection, H3Stream, MessageError
+from aioquic.h3.connection import ProtocolError as H3ProtocolError
+from aioquic.h3.exceptions import H3Error
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import END_STATES, QuicConnection
 
-from .protocol import AppErrorCode
+from ..http3 import ReversedRoles
+from ..protocol import ALPN, AppErrorCode
+from ._common import Liveness, is_stateless_reset_candidate, stateless_reset_token
 
-#: While requests are in flight, PING a peer that has been quiet this long (seconds).
-BUSY_PROBE_INTERVAL = 1.0
-#: After a sign that the peer is gone (an ICMP unreachable), close unless something
-#: arrives from it within this long, or three smoothed RTTs if that is longer.
-SUSPECT_GRACE = 0.25
+NAME = "aioquic"
+
+import aioquic as _library  # noqa: E402
+
+#: The versions whose private names this module was tested with (setup.cfg pins them too).
+SUPPORTED = ">=1.7,<1.8"
+if not (1, 7) <= tuple(int(p) for p in _library.__version__.split(".")[:2]) < (1, 8):
+    raise ImportError(f"aioquic {_library.__version__} is not supported by this reverst (needs aioquic{SUPPORTED})")
+
 #: Delay an ACK up to this long (aioquic: 1 ms) unless a second datagram needs one: a
 #: request/response exchange then carries its ACKs instead of paying for ACK-only packets.
 ACK_DELAY = 0.005
 
-
-def stateless_reset_token(key: bytes, cid: bytes) -> bytes:
-    """The token a server with ``key`` puts on connection id ``cid`` (RFC 9000 §10.3.2).
-
-    Derived rather than random, so a restarted server (same key) can still tell the
-    clients of its previous life that their connection is gone.
-    """
-    return hmac.new(key, cid, hashlib.sha256).digest()[:16]
-
-
-def encode_stateless_reset(token: bytes, trigger_size: int) -> bytes | None:
-    """A stateless reset smaller than the packet that triggered it, or None if too small."""
-    size = min(trigger_size - 1, 42)
-    if size < 21:
-        return None
-    import os
-    head = bytearray(os.urandom(size - 16))
-    head[0] = 0x40 | (head[0] & 0x3F)  # looks like a short-header packet
-    return bytes(head) + token
-
-
 _EPOCH_SETS: dict[frozenset, frozenset] = {}
 
 
-class TunnelQuicConnection(QuicConnection):
+class TunnelQuicConnection(Liveness, QuicConnection):
     def __init__(self, *, keep_alive: float | None = None, dead_peer_timeout: float = 5.0,
                  reset_key: bytes | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self._init_liveness(keep_alive, dead_peer_timeout)
         self._reset_key = reset_key
         if reset_key is not None and not self._is_client:
             for cid in self._host_cids:
                 cid.stateless_reset_token = stateless_reset_token(reset_key, cid.cid)
         self._share_frame_epochs()
         cfg = self._configuration
-        self.keep_alive_period = keep_alive
-        self.dead_peer_timeout = dead_peer_timeout
-        #: in-flight requests; the owner maintains it (probing only happens while > 0)
-        self.busy = 0
         self._stream_window = cfg.max_stream_data
         self._conn_window = cfg.max_data
         self._held: dict[int, int] = {}
         self._held_total = 0
-        self._last_rx: float | None = None
-        #: a PING is out: close at this time unless something arrives first (and why)
-        self._probe_deadline: float | None = None
-        self._probe_reason = "peer unresponsive"
         self._unacked = 0
         self._eliciting = 0  # ack-eliciting packets received
         self._data_queued = False
+        self.lost_packets = 0  # declared lost by loss detection (congestion events)
+        self._count_lost_packets()
 
     def _share_frame_epochs(self) -> None:
         # aioquic builds ~30 frozensets per connection for its frame-handler table
@@ -91,6 +80,41 @@ class TunnelQuicConnection(QuicConnection):
         handlers = self._QuicConnection__frame_handlers
         for frame_type, (handler, epochs) in handlers.items():
             handlers[frame_type] = (handler, _EPOCH_SETS.setdefault(epochs, epochs))
+
+    def _count_lost_packets(self) -> None:
+        # aioquic keeps no such counter: wrap its private recovery method. Packets a PTO
+        # merely retransmits early are not congestion events and are not counted.
+        loss = self._loss
+        original = loss._on_packets_lost
+
+        def on_packets_lost(*, packets, congestion_event: bool = True, **kwargs):
+            if congestion_event:
+                packets = list(packets)
+                self.lost_packets += len(packets)
+            return original(packets=packets, congestion_event=congestion_event, **kwargs)
+        loss._on_packets_lost = on_packets_lost
+
+    # -- what the shell asks --------------------------------------------------------------
+    @property
+    def handshake_complete(self) -> bool:
+        return self._handshake_complete
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        loss = self._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    def open_stream(self) -> int:
+        """The id of a new locally initiated bidirectional stream (used by the next send).
+        Beyond the peer's stream limit aioquic queues the stream's data until it may."""
+        return self.get_next_available_stream_id()
+
+    def can_open_stream(self) -> bool:
+        return True
+
+    def receive_datagrams(self, datagrams: list[bytes], addr, now: float) -> None:
+        for data in datagrams:
+            self.receive_datagram(data, addr, now)
 
     # -- flow control -------------------------------------------------------------
     def hold(self, stream_id: int, nbytes: int) -> None:
@@ -160,14 +184,23 @@ class TunnelQuicConnection(QuicConnection):
         finally:
             limit.used = saved
 
-    # -- liveness -----------------------------------------------------------------
+    # -- closing and liveness ----------------------------------------------------------------
     @property
-    def closed_event(self) -> events.ConnectionTerminated | None:
+    def closed_event(self) -> quic_events.ConnectionTerminated | None:
         """Why the connection is closing, as soon as it is (None while it is open)."""
         if self._state in END_STATES:
-            return self._close_event or events.ConnectionTerminated(
+            return self._close_event or quic_events.ConnectionTerminated(
                 error_code=AppErrorCode.OK, frame_type=None, reason_phrase="closed")
         return None
+
+    def _closing(self) -> bool:
+        return self._state in END_STATES
+
+    def _idle_timeout_in_force(self) -> float:
+        return self._idle_timeout()
+
+    def _rtt(self) -> float | None:
+        return self.smoothed_rtt
 
     def _discard_epoch(self, epoch: tls.Epoch) -> None:
         super()._discard_epoch(epoch)
@@ -186,7 +219,7 @@ class TunnelQuicConnection(QuicConnection):
     def _is_stateless_reset(self, data: bytes) -> bool:
         # aioquic does not detect stateless resets (RFC 9000 §10.3.1): a short-header
         # datagram ending with a token the peer gave us means the peer lost our state.
-        if len(data) < 21 or data[0] & 0x80 or not self._handshake_complete:
+        if not self._handshake_complete or not is_stateless_reset_candidate(data):
             return False
         tail = data[-16:]
         token = self._peer_cid.stateless_reset_token
@@ -197,13 +230,12 @@ class TunnelQuicConnection(QuicConnection):
 
     def receive_datagram(self, data: bytes, addr, now: float) -> None:
         if self._state not in END_STATES and self._is_stateless_reset(data):
-            self._close_event = events.ConnectionTerminated(
+            self._close_event = quic_events.ConnectionTerminated(
                 error_code=AppErrorCode.SERVER_ERROR, frame_type=None,
                 reason_phrase="stateless reset: the peer lost the connection")
             self._close_begin(is_initiator=False, now=now)
             return
-        self._last_rx = now
-        self._probe_deadline = None
+        self._heard_from_peer(now)
         eliciting = self._eliciting
         super().receive_datagram(data, addr, now)
         space = self._spaces.get(tls.Epoch.ONE_RTT)
@@ -238,51 +270,87 @@ class TunnelQuicConnection(QuicConnection):
             self._unacked = 0
         return datagrams
 
-    @property
-    def keep_alive(self) -> float:
-        """PING a quiet peer this often: the configured period, capped at half the idle
-        timeout in force (the smaller of ours and the peer's, RFC 9000 §10.1)."""
-        half_idle = self._idle_timeout() / 2
-        return min(self.keep_alive_period, half_idle) if self.keep_alive_period else half_idle
 
-    def suspect(self, now: float, reason: str = "peer unreachable") -> None:
-        """Something says the peer may be gone (an ICMP port or host unreachable for its
-        address): PING it now and close unless anything arrives from it within a few
-        round trips. Not a close on the spot: an ICMP message is easy to forge."""
-        if not self._handshake_complete or self._state in END_STATES:
-            return
-        rtt = self._loss._rtt_smoothed if self._loss._rtt_initialized else 0.0
-        deadline = now + max(SUSPECT_GRACE, 3 * rtt)
-        if self._probe_deadline is None:
-            self.send_ping(0)
-        elif self._probe_deadline <= deadline:
-            return
-        self._probe_deadline = deadline
-        self._probe_reason = reason
+class ReversedH3Connection(ReversedRoles, H3Connection):
+    """aioquic's H3Connection with the HTTP role given (see reverst.http3.ReversedRoles)."""
 
-    def _next_probe_at(self) -> float | None:
-        if not self._handshake_complete or self._state in END_STATES or self._last_rx is None:
-            return None
-        if self._probe_deadline is not None:
-            return self._probe_deadline
-        quiet = BUSY_PROBE_INTERVAL if self.busy else self.keep_alive
-        return self._last_rx + quiet
+    _stream_class = H3Stream
+    _message_error = MessageError
 
-    def get_timer(self) -> float | None:
-        timer_at = super().get_timer()
-        probe_at = self._next_probe_at()
-        if probe_at is not None and (timer_at is None or probe_at < timer_at):
-            return probe_at
-        return timer_at
+    def _no_dynamic_table_decoder(self):
+        return pylsqpack.Decoder(0, 0)
 
-    def handle_timer(self, now: float) -> None:
-        super().handle_timer(now)
-        probe_at = self._next_probe_at()
-        if probe_at is None or now < probe_at:
-            return
-        if self._probe_deadline is not None:
-            self.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase=self._probe_reason)
-        else:
-            self._probe_deadline = now + self.dead_peer_timeout
-            self._probe_reason = "peer unresponsive"
-            self.send_ping(0)
+    @contextlib.contextmanager
+    def _get_or_create_stream(self, stream_id: int):
+        stream = self._stream.get(stream_id)
+        if stream is None:
+            stream = self._new_stream(stream_id)
+        try:
+            yield stream
+        finally:
+            if stream.is_ended():
+                self._stream.pop(stream_id)
+
+    def _check_content_length(self, stream: H3Stream) -> None:
+        if stream.stream_id not in self._head_requests:
+            super()._check_content_length(stream)
+
+    def _handle_request_or_push_end(self, stream):
+        if stream.stream_id in self.malformed:
+            return []
+        try:
+            return super()._handle_request_or_push_end(stream)
+        except MessageError as exc:
+            self.malformed[stream.stream_id] = exc.reason_phrase
+            return []
+
+
+# -- the backend as the shell sees it (reverst.quic.Backend) ------------------------------------
+events = SimpleNamespace(
+    StreamDataReceived=quic_events.StreamDataReceived, StreamReset=quic_events.StreamReset,
+    StopSendingReceived=quic_events.StopSendingReceived,
+    HandshakeCompleted=quic_events.HandshakeCompleted,
+    ConnectionIdIssued=quic_events.ConnectionIdIssued,
+    ConnectionIdRetired=quic_events.ConnectionIdRetired,
+    ConnectionTerminated=quic_events.ConnectionTerminated,
+    HeadersReceived=h3_events.HeadersReceived, DataReceived=h3_events.DataReceived,
+)
+#: What a send on a stream the peer reset (or asked to stop) may raise.
+STREAM_ERRORS = (H3Error, H3ProtocolError, ValueError)
+
+
+def client_configuration(*, server_name: str, idle_timeout: float, max_datagram_size: int,
+                         insecure: bool = False, ca_file: str | None = None, ca_data: bytes | None = None,
+                         window: int = 4 * 1024 * 1024) -> QuicConfiguration:
+    cfg = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], server_name=server_name, idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size, max_stream_data=window, max_data=4 * window)
+    if insecure:
+        cfg.verify_mode = ssl.CERT_NONE
+    elif ca_file or ca_data:
+        cfg.load_verify_locations(cafile=ca_file, cadata=ca_data)
+    return cfg
+
+
+def server_configuration(*, certificate_path: str, private_key_path: str, idle_timeout: float,
+                         max_datagram_size: int = 1452, window: int = 4 * 1024 * 1024) -> QuicConfiguration:
+    cfg = QuicConfiguration(
+        is_client=False, alpn_protocols=[ALPN], idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size, max_stream_data=window, max_data=4 * window)
+    cfg.load_cert_chain(certificate_path, private_key_path)
+    return cfg
+
+
+def client_connection(configuration: QuicConfiguration, **options) -> TunnelQuicConnection:
+    return TunnelQuicConnection(configuration=configuration, **options)
+
+
+def server_connection(configuration: QuicConfiguration, original_destination_connection_id: bytes,
+                      **options) -> TunnelQuicConnection:
+    return TunnelQuicConnection(configuration=configuration,
+                                original_destination_connection_id=original_destination_connection_id,
+                                **options)
+
+
+def h3_connection(quic: TunnelQuicConnection, *, http_client: bool) -> ReversedH3Connection:
+    return ReversedH3Connection(quic, http_client=http_client)

@@ -1,0 +1,433 @@
+"""The qh3 backend: qh3's QuicConnection (a native Rust QUIC core behind aioquic's API)
+and its H3Connection, with what a long-lived tunnel needs (sans-io).
+
+Where qh3 2.1 has no hook, the nearest equivalent (README, "QUIC backends"):
+
+* **Flow control is bounded per connection, not per stream.** The native core grants
+  MAX_DATA/MAX_STREAM_DATA credit when the wrapper pops a stream event from its queue,
+  which it does at once after each datagram: credit follows arrival, whatever the
+  application reads.  Here the native queue is gated: while the owner holds more than
+  ``budget`` bytes unread (:meth:`TunnelQuicConnection.hold`), events wait in the native
+  queue and no credit is granted; :meth:`~TunnelQuicConnection.release` opens it again.
+  Memory stays bounded; the cost is that one stream nobody reads stalls the other streams
+  of its connection once the budget is full (aioquic: only that stream).
+* **Stateless resets**: the token of the handshake connection id is derived from the
+  server key (peers that keep sending to it are reset after a restart, as with aioquic);
+  the tokens of further connection ids are chosen by the native core, at random.  The
+  core detects incoming resets itself and reports them as a bare close: relabelled here.
+* Liveness (keep-alive, dead-peer probe, suspect) from :class:`~reverst.quic._common.Liveness`.
+* Its H3 layer checks no Content-Length: :class:`ReversedH3Connection` does, failing
+  just that stream, as aioquic does.
+
+Touches private qh3 names (``_core``, ``_drain_core``, ``_create_tls``, ``_close_event``,
+``_tls``, ``_events``): keep the pin in setup.cfg and the loopback tests.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from types import SimpleNamespace
+
+from qh3 import tls as qh3_tls
+from qh3._hazmat import QpackDecoder
+from qh3.h3 import events as h3_events
+from qh3.h3.connection import H3Connection, H3Stream, MessageError
+from qh3.h3.connection import ProtocolError as H3ProtocolError
+from qh3.h3.exceptions import H3Error
+from qh3.quic import events as quic_events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection, QuicConnectionError
+
+from ..http3 import ReversedRoles
+from ..protocol import ALPN, AppErrorCode
+from ._common import Liveness, stateless_reset_token
+
+NAME = "qh3"
+
+import qh3 as _library  # noqa: E402
+
+#: The versions whose private names this module was tested with (setup.cfg pins them too).
+SUPPORTED = ">=2.1,<2.2"
+if not (2, 1) <= tuple(int(p) for p in _library.__version__.split(".")[:2]) < (2, 2):
+    raise ImportError(f"qh3 {_library.__version__} is not supported by this reverst (needs qh3{SUPPORTED})")
+logger = logging.getLogger(__name__)
+_quic_logger = logging.getLogger("quic")
+
+
+class _NativeCloseNoise(logging.Filter):
+    """qh3 logs every peer close and local protocol error at WARNING on logger ``quic``;
+    reverst reports closes itself. Keep them for ``quic`` at debug only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Native ") or _quic_logger.isEnabledFor(logging.DEBUG)
+
+
+_quic_logger.addFilter(_NativeCloseNoise())
+
+_OPEN_STATES = ("first_flight", "connected")
+#: Hold an ACK that would leave alone up to this long, unless two datagrams came in since
+#: our last send: a request/response exchange then carries its ACKs. The native core
+#: acknowledges a FIN at once (4-5 datagrams per lone request instead of 2).
+ACK_HOLD = 0.005
+
+
+class _GatedCore:
+    """The native core as ``_drain_core`` sees it: no event while the gate is shut."""
+
+    __slots__ = ("_core", "_owner")
+
+    def __init__(self, core, owner: "TunnelQuicConnection") -> None:
+        self._core, self._owner = core, owner
+
+    def next_event(self):
+        if self._owner._gate_shut():
+            return None
+        return self._core.next_event()
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
+class TunnelQuicConnection(Liveness, QuicConnection):
+    def __init__(self, *, keep_alive: float | None = None, dead_peer_timeout: float = 5.0,
+                 reset_key: bytes | None = None, **kwargs) -> None:
+        self._reset_key = reset_key  # (read by _create_tls, during super().__init__ or later)
+        super().__init__(**kwargs)
+        self._init_liveness(keep_alive, dead_peer_timeout)
+        #: unread bytes the owner may hold before no more credit is granted
+        self.budget = self._configuration.max_data
+        self._held: dict[int, int] = {}
+        self._held_total = 0
+        self._received_since_sent = 0  # datagrams
+        self._ack_hold_until: float | None = None
+        self._credit_granted = False  # by release(): MAX_DATA / MAX_STREAM_DATA to send now
+
+    # -- what the shell asks --------------------------------------------------------------
+    @property
+    def handshake_complete(self) -> bool:
+        return self._handshake_complete
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        return self._core.smoothed_rtt if self._core is not None else None
+
+    @property
+    def lost_packets(self) -> int:
+        return self._core.loss_total if self._core is not None else 0
+
+    def open_stream(self) -> int:
+        """The id of a new locally initiated bidirectional stream (used by the next send);
+        check :meth:`can_open_stream` first (qh3 raises beyond the peer's limit)."""
+        return self.get_next_available_stream_id()
+
+    def can_open_stream(self) -> bool:
+        if self._core is None or not self._handshake_complete:
+            return True
+        peer_max, _, opened, _ = self._core.stream_limits
+        return opened < peer_max
+
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes queued on a stream and not yet sent (qh3 tells no per-stream unacked
+        count; this one grows exactly when flow control, congestion or pacing hold data)."""
+        try:
+            return self.get_send_buffer_size(stream_id)
+        except ValueError:
+            return 0
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        try:
+            super().reset_stream(stream_id, error_code)
+        except (ValueError, QuicConnectionError):
+            pass  # finished, unknown or closed: nothing left to reset (aioquic ignores it too)
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        try:
+            super().stop_stream(stream_id, error_code)
+        except (ValueError, QuicConnectionError):
+            pass
+
+    def datagrams_to_send(self, now: float):
+        if self._hold_ack(now):
+            return []
+        try:
+            datagrams = super().datagrams_to_send(now)
+        except QuicConnectionError as exc:
+            # qh3 2.1 raises "packet builder capacity exhausted" while a handshake peer
+            # stays silent (anti-amplification); later calls work again.
+            logger.debug("datagrams_to_send: %s", exc)
+            return []
+        if datagrams:
+            self._received_since_sent = 0
+            self._credit_granted = False
+        return datagrams
+
+    def _ack_alone_due(self, now: float) -> bool:
+        """What would leave now is an ACK (perhaps with a control frame), no stream data."""
+        core = self._core
+        if core is None or not self._handshake_complete or self._close_event is not None:
+            return False
+        timer = core.get_timer()
+        return (timer is not None and timer[0] == "ack_application" and timer[1] <= now
+                and core.get_send_buffer_size(None) == 0)
+
+    def _hold_ack(self, now: float) -> bool:
+        hold = self._ack_hold_until
+        if hold is not None:
+            if now < hold and self._ack_alone_due(now):
+                return True
+            self._ack_hold_until = None
+            return False
+        if self._received_since_sent <= 1 and not self._credit_granted and self._ack_alone_due(now):
+            self._ack_hold_until = now + ACK_HOLD
+            return True
+        return False
+
+    def get_timer(self) -> float | None:
+        at = super().get_timer()
+        hold = self._ack_hold_until
+        if hold is not None and at is not None and at < hold:
+            native = self._core.get_timer()
+            if native is not None and native[0] == "ack_application":  # the held ACK's own deadline
+                probe = self._next_probe_at()
+                at = hold if probe is None else min(hold, probe)
+        return at
+
+    def handle_timer(self, now: float) -> None:
+        try:
+            super().handle_timer(now)
+        except QuicConnectionError as exc:
+            logger.debug("handle_timer: %s", exc)
+
+    # -- receiving ---------------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, addr, now: float) -> None:
+        self._heard_from_peer(now)
+        self._received_since_sent += 1
+        was_open = self._close_event is None
+        super().receive_datagram(data, addr, now)
+        self._relabel_stateless_reset(was_open)
+
+    def receive_datagrams(self, datagrams: list[bytes], addr, now: float) -> None:
+        self._heard_from_peer(now)
+        self._received_since_sent += len(datagrams)
+        was_open = self._close_event is None
+        self.receive_many_datagrams(datagrams, addr, now)
+        self._relabel_stateless_reset(was_open)
+
+    def receive_gro_buffer(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
+        self._heard_from_peer(now)
+        self._received_since_sent += -(-len(buffer) // segment_size)
+        was_open = self._close_event is None
+        super().receive_gro_buffer(buffer, segment_size, addr, now)
+        self._relabel_stateless_reset(was_open)
+
+    def _relabel_stateless_reset(self, was_open: bool) -> None:
+        # The core ends a connection at once on a stateless reset and reports
+        # ConnectionTerminated(0, None, ""), which reads as the peer's clean close;
+        # a peer's CONNECTION_CLOSE leaves it draining instead.
+        event = self._close_event
+        if (was_open and event is not None and self._core is not None and self._core.state == "terminated"
+                and event.error_code == 0 and event.frame_type is None and not event.reason_phrase):
+            event.error_code = AppErrorCode.SERVER_ERROR
+            event.reason_phrase = "stateless reset: the peer lost the connection"
+
+    # -- flow control: gate the native event queue (see the module docstring) ---------------------
+    def _gate_shut(self) -> bool:
+        # A closing connection drains at once: its close reason must not wait behind data.
+        return (self._held_total >= self.budget and self._handshake_complete
+                and self._core.state == "connected")
+
+    def _drain_core(self) -> None:
+        core = self._core
+        self._core = _GatedCore(core, self)
+        try:
+            super()._drain_core()
+        finally:
+            self._core = core
+
+    def hold(self, stream_id: int, nbytes: int) -> None:
+        """``nbytes`` of received stream data are buffered, unread, by the owner."""
+        if nbytes:
+            self._held[stream_id] = self._held.get(stream_id, 0) + nbytes
+            self._held_total += nbytes
+
+    def release(self, stream_id: int, nbytes: int | None = None) -> bool:
+        """Held bytes were consumed (all of them if ``nbytes`` is None). True when events
+        waited at the gate and were let through now: the owner should process them and
+        transmit (their credit goes out with the next packet)."""
+        held = self._held.get(stream_id, 0)
+        nbytes = held if nbytes is None else min(nbytes, held)
+        if not nbytes:
+            return False
+        shut = self._gate_shut()
+        if held == nbytes:
+            del self._held[stream_id]
+        else:
+            self._held[stream_id] = held - nbytes
+        self._held_total -= nbytes
+        if shut and not self._gate_shut() and self._core is not None and self._core.has_events:
+            self._drain_core()
+            self._credit_granted = True
+            return True
+        return False
+
+    # -- closing, liveness and stateless-reset tokens ---------------------------------------------
+    @property
+    def closed_event(self) -> quic_events.ConnectionTerminated | None:
+        """Why the connection is closing, as soon as it is (None while it is open): qh3
+        records a close it makes, receives or detects at once, ~3 PTO before it emits
+        ConnectionTerminated."""
+        event = self._close_event
+        if event is None and self._core is not None and self._core.state not in _OPEN_STATES:
+            return quic_events.ConnectionTerminated(AppErrorCode.OK, None, "closed")
+        return event
+
+    def _closing(self) -> bool:
+        return self._close_event is not None
+
+    def _idle_timeout_in_force(self) -> float:
+        ours = self._configuration.idle_timeout
+        params = self._tls.remote_transport_parameters if self._tls is not None else None
+        theirs = params.max_idle_timeout / 1000 if params is not None and params.max_idle_timeout else None
+        return min(ours, theirs) if theirs else ours
+
+    def _rtt(self) -> float | None:
+        return self.smoothed_rtt
+
+    def _create_tls(self, remote_source_cid):
+        bridge = super()._create_tls(remote_source_cid)
+        if self._reset_key is not None and not self._is_client:
+            bridge.stateless_reset_token = stateless_reset_token(self._reset_key, self.host_cid)
+            bridge.tls.handshake_extensions = [
+                (qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS, bridge.serialize_transport_parameters())]
+        return bridge
+
+
+class ReversedH3Connection(ReversedRoles, H3Connection):
+    """qh3's H3Connection with the HTTP role given (see reverst.http3.ReversedRoles), and
+    the Content-Length checks aioquic makes (qh3 makes none)."""
+
+    _stream_class = H3Stream
+    _message_error = MessageError
+
+    def __init__(self, quic, *, http_client: bool) -> None:
+        self._expected_length: dict[int, list[int]] = {}  # stream -> [declared, received]
+        super().__init__(quic, http_client=http_client)
+
+    def _no_dynamic_table_decoder(self):
+        return QpackDecoder(0, 0, max_field_section_size=self._max_field_section_size)
+
+    def _get_or_create_stream(self, stream_id: int) -> H3Stream:
+        stream = self._stream.get(stream_id)
+        return stream if stream is not None else self._new_stream(stream_id)
+
+    def forget_stream(self, stream_id: int) -> None:
+        super().forget_stream(stream_id)
+        self._expected_length.pop(stream_id, None)
+
+    def handle_event(self, event):
+        # Checked on what the layer emits: large DATA frames reach the application in
+        # pieces that never pass through _handle_request_or_push_frame.
+        emitted = super().handle_event(event)
+        if not emitted:
+            return emitted
+        kept = []
+        for h3_event in emitted:
+            sid = getattr(h3_event, "stream_id", None)
+            if sid in self.malformed:
+                continue
+            try:
+                if isinstance(h3_event, h3_events.HeadersReceived):
+                    self._headers_length(sid, h3_event.headers)
+                elif isinstance(h3_event, h3_events.DataReceived):
+                    self._data_length(sid, len(h3_event.data))
+                if getattr(h3_event, "stream_ended", False):
+                    self._end_length(sid)
+            except MessageError as exc:
+                self.malformed[sid] = exc.reason_phrase
+                self._expected_length.pop(sid, None)
+                kept = [e for e in kept if getattr(e, "stream_id", None) != sid]
+                continue
+            kept.append(h3_event)
+        return kept
+
+    def _headers_length(self, sid: int, headers) -> None:
+        if sid in self._expected_length:
+            return  # trailers
+        values = [v for k, v in headers if k == b"content-length"]
+        if not values:
+            return
+        if len(set(values)) != 1 or not values[0].isdigit():
+            raise MessageError("invalid content-length header")
+        declared = int(values[0])
+        no_content = sid in self._head_requests or any(
+            k == b":status" and v in (b"204", b"304") for k, v in headers)
+        self._expected_length[sid] = [0 if no_content else declared, 0]
+
+    def _data_length(self, sid: int, size: int) -> None:
+        counts = self._expected_length.get(sid)
+        if counts is not None:
+            counts[1] += size
+            if counts[1] > counts[0]:
+                raise MessageError("content-length exceeded")
+
+    def _end_length(self, sid: int) -> None:
+        counts = self._expected_length.pop(sid, None)
+        if counts is not None and counts[1] != counts[0]:
+            raise MessageError("content-length does not match data length")
+
+
+# -- the backend as the shell sees it (reverst.quic.Backend) ------------------------------------
+events = SimpleNamespace(
+    StreamDataReceived=quic_events.StreamDataReceived, StreamReset=quic_events.StreamReset,
+    StopSendingReceived=quic_events.StopSendingReceived,
+    HandshakeCompleted=quic_events.HandshakeCompleted,
+    ConnectionIdIssued=quic_events.ConnectionIdIssued,
+    ConnectionIdRetired=quic_events.ConnectionIdRetired,
+    ConnectionTerminated=quic_events.ConnectionTerminated,
+    HeadersReceived=h3_events.HeadersReceived, DataReceived=h3_events.DataReceived,
+)
+#: What a send on a stream the peer reset (or asked to stop) may raise.
+STREAM_ERRORS = (H3Error, H3ProtocolError, ValueError, QuicConnectionError)
+
+
+def _configuration(is_client: bool, idle_timeout: float, max_datagram_size: int, window: int,
+                   **kwargs) -> QuicConfiguration:
+    return QuicConfiguration(
+        is_client=is_client, alpn_protocols=[ALPN], idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size, max_stream_data=window, max_data=4 * window,
+        # qh3's H3 layer always sends SETTINGS_H3_DATAGRAM, and a qh3 peer then requires
+        # this transport parameter (else H3_SETTINGS_ERROR).  No datagram is ever sent.
+        max_datagram_frame_size=65536, **kwargs)
+
+
+def client_configuration(*, server_name: str, idle_timeout: float, max_datagram_size: int,
+                         insecure: bool = False, ca_file: str | None = None, ca_data: bytes | None = None,
+                         window: int = 4 * 1024 * 1024) -> QuicConfiguration:
+    cfg = _configuration(True, idle_timeout, max_datagram_size, window, server_name=server_name)
+    if insecure:
+        cfg.verify_mode = ssl.CERT_NONE
+    elif ca_file or ca_data:
+        cfg.load_verify_locations(cafile=ca_file, cadata=ca_data)
+    return cfg
+
+
+def server_configuration(*, certificate_path: str, private_key_path: str, idle_timeout: float,
+                         max_datagram_size: int = 1452, window: int = 4 * 1024 * 1024) -> QuicConfiguration:
+    cfg = _configuration(False, idle_timeout, max_datagram_size, window)
+    cfg.load_cert_chain(certificate_path, private_key_path)
+    return cfg
+
+
+def client_connection(configuration: QuicConfiguration, **options) -> TunnelQuicConnection:
+    return TunnelQuicConnection(configuration=configuration, **options)
+
+
+def server_connection(configuration: QuicConfiguration, original_destination_connection_id: bytes,
+                      **options) -> TunnelQuicConnection:
+    return TunnelQuicConnection(configuration=configuration,
+                               original_destination_connection_id=original_destination_connection_id,
+                               **options)
+
+
+def h3_connection(quic: TunnelQuicConnection, *, http_client: bool) -> ReversedH3Connection:
+    return ReversedH3Connection(quic, http_client=http_client)
