@@ -57,6 +57,32 @@ def test_200mb_download_and_upload_with_bounded_memory(server, start_client):
     assert growth["client"] < MAX_RSS_GROWTH_KB, growth
 
 
+def test_a_slow_public_reader_keeps_reverstd_memory_bounded(server, start_client):
+    """A 200 MB download read at ~4 MB/s: flow control must hold the tunnel client back
+    (aioquic: per stream, as the data is read; qh3: per connection, by the budget) instead
+    of reverstd buffering what the tunnel can push, ~25x faster on loopback."""
+    client = start_client()
+    assert requests.get(server.url("/hello"), headers=H, timeout=10).status_code == 200  # warm up
+    base = _baseline(server)
+    rate, seconds, got = 4 * 1024 * 1024, 6.0, 0
+    start = time.monotonic()
+    with requests.get(server.url(f"/download/{SIZE}"), headers=H, stream=True, timeout=30) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_content(64 * 1024):
+            got += len(chunk)
+            ahead = got / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+            if time.monotonic() - start > seconds:
+                break
+    growth = server.rss_kb("VmHWM") - base[server.pid]
+    print(f"\nslow reader: {got / 1e6:.1f} MB read in {seconds:.0f} s, reverstd peak RSS growth {growth} KiB")
+    assert 0.5 * rate * seconds < got < 1.5 * rate * seconds + 8 * 1024 * 1024
+    assert growth < MAX_RSS_GROWTH_KB, growth
+    assert requests.get(server.url("/hello"), headers=H, timeout=10).text == "Hello, World!"
+    assert client.popen.poll() is None
+
+
 def test_response_without_content_length_is_chunked_and_complete(tunnel):
     size = 5 * 1024 * 1024 + 7
     with requests.get(tunnel.url(f"/stream/{size}"), headers=H, stream=True, timeout=30) as r:
