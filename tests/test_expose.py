@@ -455,9 +455,27 @@ def test_reconnects_to_a_restarted_reverstd_on_the_same_ports(local, certs, grou
     second.wait_for(r"registered in group 'app.test'")
 
 
-def test_reconnects_within_5s_with_default_timeouts(local, certs, groups_file, procs):
-    p, second, r = restart_and_measure(local, certs, groups_file, procs, [])
-    assert r.text == "Hello, local!"
+def test_an_idle_client_of_a_restarted_reverstd_is_back_within_1s_of_its_next_packet(
+        local, certs, groups_file, procs):
+    """The new reverstd (same key) answers the client's next packet, here its keep-alive
+    PING, with a stateless reset: the client reconnects at once instead of waiting for
+    the PING to go unanswered. (An idle client sends one every --keep-alive-period.)"""
+    first = FixedServer(certs, groups_file)
+    procs.append(first)
+    p = Expose(first, certs, local, extra=["--keep-alive-period", "1s"])
+    procs.append(p)
+    assert get(first, "/hello").status_code == 200
+    time.sleep(1.5)  # idle: nothing of the last exchange is still unacknowledged
+    first.stop(signal.SIGKILL)
+    second = FixedServer(certs, groups_file, tunnel=first.tunnel_address, http=f"127.0.0.1:{first.http_port}")
+    procs.append(second)
+    ready_at = time.monotonic()
+
+    def served():
+        with get(second, "/hello", timeout=2) as r:
+            return r if r.status_code == 200 else None
+    assert poll(served, ready_at + 1.0 + 1.0).text == "Hello, local!"  # keep-alive + 1 s
+    p.wait_for(r"connection lost \(stateless reset: the peer lost the connection")
 
 
 def test_wrong_password_exits_2_with_a_one_line_reason(local, expose):
