@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import os
 import socket as _stdsocket
 import struct
 import sys
@@ -50,6 +51,20 @@ _IP_RECVERR, _IPV6_RECVERR = 11, 25
 _ORIGIN_ICMP, _ORIGIN_ICMP6 = 2, 3
 _UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
+# Linux UDP segmentation offload: one sendmsg() carries many equal-size datagrams
+# (UDP_SEGMENT, "GSO"), one recvmsg() returns several coalesced ones (UDP_GRO).
+# REVERST_UDP_OFFLOAD=off turns both off (to measure them, or where a kernel misbehaves).
+_SOL_UDP, _UDP_SEGMENT, _UDP_GRO = 17, 103, 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000  # under the 64 KiB an IP packet may carry
+_GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE})
+_GRO_CMSG_SPACE = _stdsocket.CMSG_SPACE(4)
+
+
+def _offload_enabled() -> bool:
+    return sys.platform.startswith("linux") and os.environ.get("REVERST_UDP_OFFLOAD", "on").lower() not in (
+        "off", "0", "no", "false")
+
 now = time.monotonic
 
 
@@ -79,6 +94,8 @@ class Endpoint:
         self._by_cid: dict[bytes, Connection] = {}
         self.connections: set[Connection] = set()
         self.dropped_datagrams = 0
+        self._gso = _offload_enabled()
+        self._gro = _offload_enabled() and _enable_gro(sock)
         self._reader: gevent.Greenlet | None = None
 
     @classmethod
@@ -179,13 +196,17 @@ class Endpoint:
     def _read_loop(self) -> None:
         hub = gevent.get_hub()
         readable = hub.loop.io(self._raw.fileno(), 1)
-        recvfrom = self._raw.recvfrom
+        recvfrom = self._recv_coalesced if self._gro else self._raw.recvfrom
         while True:
             hub.wait(readable)  # a datagram, or a queued ICMP error (which must be drained)
             batch = []
             while len(batch) < RECV_BATCH:
                 try:
-                    batch.append(recvfrom(MAX_DATAGRAM))
+                    received = recvfrom(MAX_DATAGRAM)
+                    if received.__class__ is list:  # several datagrams that GRO coalesced
+                        batch.extend(received)
+                    else:
+                        batch.append(received)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -233,6 +254,61 @@ class Endpoint:
             self.dropped_datagrams += len(datagrams)
             logger.exception("%r: dropping %d datagrams from %s", conn, len(datagrams), addr)
 
+    def _recv_coalesced(self, size: int):
+        """recvfrom() with UDP_GRO: one (data, addr), or a list of them if coalesced."""
+        data, ancillary, _, addr = self._raw.recvmsg(size, _GRO_CMSG_SPACE)
+        for level, kind, value in ancillary:
+            if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
+                segment = int.from_bytes(value[:4], sys.byteorder)
+                if 0 < segment < len(data):
+                    return [(data[i:i + segment], addr) for i in range(0, len(data), segment)]
+        return data, addr
+
+    def send_datagrams(self, datagrams: list) -> None:
+        """Send ``[(data, addr), ...]``: runs of equal-size datagrams to one peer (and a
+        shorter last one) go out in one sendmsg() with UDP_SEGMENT when the kernel allows."""
+        n = len(datagrams)
+        if n < 2 or not self._gso:
+            for data, addr in datagrams:
+                self._sendto(data, addr)
+            return
+        i = 0
+        while i < n:
+            data, addr = datagrams[i]
+            size = len(data)
+            limit = i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
+            j = i + 1
+            while j < n and j < limit and datagrams[j][1] == addr and len(datagrams[j][0]) == size:
+                j += 1
+            if j < n and j < limit and datagrams[j][1] == addr and len(datagrams[j][0]) < size:
+                j += 1  # a shorter datagram may end a segmented send
+            if j - i == 1:
+                self._sendto(data, addr)
+            else:
+                self._send_segmented([d for d, _ in datagrams[i:j]], size, addr)
+            i = j
+
+    def _send_segmented(self, segments: list, size: int, addr: tuple) -> None:
+        control = [(_SOL_UDP, _UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+        for _ in range(2):
+            try:
+                self._raw.sendmsg(segments, control, 0, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                self.dropped_datagrams += len(segments)  # it is UDP: QUIC retransmits
+                return
+            except OSError as exc:
+                if exc.errno in _UNREACHABLE:
+                    continue  # a queued ICMP error (see _sendto): send again
+                if exc.errno in _GSO_REFUSED:
+                    logger.info("UDP segmentation offload refused (%s): sending datagrams one by one", exc)
+                    self._gso = False
+                    for data in segments:
+                        self._sendto(data, addr)
+                    return
+                logger.debug("sendmsg %s failed: %s", addr, exc)
+                return
+
     def _sendto(self, data: bytes, addr: tuple) -> None:
         for _ in range(2):
             try:
@@ -268,6 +344,15 @@ class Endpoint:
             if conn.peer[:2] == addr:
                 logger.debug("%r: ICMP says %s", conn, errno.errorcode.get(err, err))
                 conn.suspect("peer unreachable")
+
+
+def _enable_gro(sock) -> bool:
+    """Ask for coalesced receives (UDP_GRO); False where the kernel refuses."""
+    try:
+        sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _enable_icmp_errors(sock, family: int) -> None:
@@ -376,9 +461,9 @@ class Connection:
 
     def transmit(self) -> None:
         self._transmit_scheduled = False
-        sendto = self.endpoint._sendto
-        for data, addr in self.quic.datagrams_to_send(now=now()):
-            sendto(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=now())
+        if datagrams:
+            self.endpoint.send_datagrams(datagrams)
         self._check_closed()
         self._arm_timer()
         self._wake_writers()  # (with qh3, what is sent no longer counts as buffered)

@@ -1,0 +1,81 @@
+"""The UDP endpoint's Linux offloads (GSO on send, GRO on receive), over real sockets."""
+import socket
+import sys
+
+import gevent
+import pytest
+
+from reverst._transport import Endpoint
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux UDP offloads")
+
+
+def receiver():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    return sock
+
+
+def datagrams(count, size, last=None):
+    out = [bytes([i % 256]) * size for i in range(count)]
+    if last:
+        out.append(b"z" * last)
+    return out
+
+
+def test_a_run_of_equal_datagrams_leaves_in_one_segmented_send_and_arrives_intact(monkeypatch):
+    endpoint = Endpoint.bind("127.0.0.1", 0)
+    assert endpoint._gso
+    calls = []
+    real = endpoint._send_segmented
+    monkeypatch.setattr(endpoint, "_send_segmented", lambda segs, size, addr: (calls.append(len(segs)),
+                                                                                real(segs, size, addr)))
+    with receiver() as sock:
+        sent = datagrams(40, 1200, last=500) + datagrams(3, 900)  # two runs: 41 and 3
+        endpoint.send_datagrams([(d, sock.getsockname()) for d in sent])
+        got = [sock.recvfrom(65536)[0] for _ in sent]
+    endpoint.close()
+    assert got == sent
+    assert calls == [41, 3]
+
+
+def test_coalesced_receives_are_split_into_the_datagrams_sent():
+    sender = Endpoint.bind("127.0.0.1", 0)
+    target = Endpoint.bind("127.0.0.1", 0)  # not started: read by hand below
+    assert target._gro
+    sent = datagrams(30, 1200, last=300)
+    sender.send_datagrams([(d, target.address) for d in sent])
+    got, reads = [], 0
+    target._raw.settimeout(5)
+    while len(got) < len(sent):
+        received = target._recv_coalesced(65536)
+        reads += 1
+        got.extend(d for d, _ in (received if isinstance(received, list) else [received]))
+    sender.close()
+    target.close()
+    assert got == sent
+    assert reads < len(sent)  # loopback GRO coalesced some of them
+
+
+def test_a_segmented_send_the_kernel_refuses_goes_out_one_by_one():
+    endpoint = Endpoint.bind("127.0.0.1", 0)
+    with receiver() as sock:
+        sent = datagrams(200, 10)  # more segments than the kernel takes in one send
+        endpoint._send_segmented(sent, 10, sock.getsockname())
+        got = [sock.recvfrom(65536)[0] for _ in sent]
+    assert got == sent
+    assert not endpoint._gso  # and later sends go one by one
+    endpoint.close()
+
+
+def test_offloads_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("REVERST_UDP_OFFLOAD", "off")
+    endpoint = Endpoint.bind("127.0.0.1", 0)
+    assert not endpoint._gso and not endpoint._gro
+    with receiver() as sock:
+        sent = datagrams(5, 1000)
+        endpoint.send_datagrams([(d, sock.getsockname()) for d in sent])
+        assert [sock.recvfrom(65536)[0] for _ in sent] == sent
+    endpoint.close()
+    gevent.sleep(0)
