@@ -82,6 +82,7 @@ class Endpoint:
     """One UDP socket; many connections (server) or one (client)."""
 
     def __init__(self, sock: gevent.socket.socket, *, backend=None, server_config=None,
+                 empty_cid_fallback: tuple | None = None,
                  on_connection: Callable[["Connection"], None] | None = None,
                  connection_options: dict | None = None) -> None:
         self.sock = sock
@@ -89,6 +90,9 @@ class Endpoint:
         #: the QUIC backend module (reverst.quic); its configurations must be used with it
         self.backend = backend if backend is not None else load_backend()
         self._server_config = server_config
+        #: (backend, server configuration) for clients whose source connection id is empty,
+        #: when ``backend`` cannot serve them (see SERVES_EMPTY_CLIENT_CIDS in reverst.quic)
+        self._empty_cid_fallback = empty_cid_fallback
         self._on_connection = on_connection
         self._connection_options = connection_options or {}
         self._by_cid: dict[bytes, Connection] = {}
@@ -174,7 +178,9 @@ class Endpoint:
                 self._sendto(reset, addr)
 
     def _accept(self, header, data: bytes, addr: tuple) -> "Connection | None":
-        cfg = self._server_config
+        backend, cfg = self.backend, self._server_config
+        if not header.source_cid and self._empty_cid_fallback is not None:
+            backend, cfg = self._empty_cid_fallback
         if len(data) < 1200:
             self.dropped_datagrams += 1
             return None
@@ -185,8 +191,8 @@ class Endpoint:
         if not header.initial:
             self.dropped_datagrams += 1
             return None
-        quic = self.backend.server_connection(cfg, header.destination_cid, **self._connection_options)
-        conn = Connection(self, quic, addr)
+        quic = backend.server_connection(cfg, header.destination_cid, **self._connection_options)
+        conn = Connection(self, quic, addr, backend)
         conn.cids.add(header.destination_cid)
         self._add(conn)
         if self._on_connection is not None:
@@ -371,14 +377,16 @@ def _enable_icmp_errors(sock, family: int) -> None:
 class Connection:
     """One QUIC connection driven from the gevent loop."""
 
-    def __init__(self, endpoint: Endpoint, quic, addr: tuple) -> None:
+    def __init__(self, endpoint: Endpoint, quic, addr: tuple, backend=None) -> None:
         self.endpoint = endpoint
+        #: the QUIC backend module of ``quic`` (the endpoint's, unless it fell back)
+        self.backend = backend if backend is not None else endpoint.backend
         self.quic = quic
         self.peer = addr
         self.cids: set[bytes] = {quic.host_cid}
         self.h3 = None  # the backend's HTTP/3 layer, once attach_h3() ran
-        self._ev = endpoint.backend.events
-        self._stream_errors = endpoint.backend.STREAM_ERRORS
+        self._ev = self.backend.events
+        self._stream_errors = self.backend.STREAM_ERRORS
         self._is_server = endpoint._server_config is not None
         self.handshake_done = gevent.event.Event()
         self.closed = gevent.event.Event()
@@ -580,7 +588,7 @@ class Connection:
 
     def attach_h3(self, *, http_client: bool):
         """Start HTTP/3 on this connection (after registration) and replay early events."""
-        self.h3 = self.endpoint.backend.h3_connection(self.quic, http_client=http_client)
+        self.h3 = self.backend.h3_connection(self.quic, http_client=http_client)
         pending, self._pending = self._pending, []
         for event in pending:
             self._h3_event(event)

@@ -103,6 +103,7 @@ class ManagementApp:
                     "requests_served": tunnel.requests if tunnel else 0,
                     "in_flight": server.in_flight(conn),
                     "open_streams": conn.open_streams,
+                    "quic_backend": conn.backend.NAME,
                     "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
                     "lost_packets": tunnel.lost_packets if tunnel else 0,
                 })

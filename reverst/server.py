@@ -101,6 +101,12 @@ class TunnelServer:
         self._quic_config = self.backend.server_configuration(
             certificate_path=certificate_path, private_key_path=private_key_path,
             idle_timeout=max_idle_timeout, max_datagram_size=max_datagram_size)
+        self._empty_cid_fallback = None
+        if not self.backend.SERVES_EMPTY_CLIENT_CIDS:  # qh3: Go clients get aioquic's core
+            fallback = load_backend("aioquic")
+            self._empty_cid_fallback = (fallback, fallback.server_configuration(
+                certificate_path=certificate_path, private_key_path=private_key_path,
+                idle_timeout=max_idle_timeout, max_datagram_size=max_datagram_size))
         with open(private_key_path, "rb") as fh:  # stable across restarts, never sent
             reset_key = hashlib.sha256(b"reverst stateless reset\0" + fh.read()).digest()
         self._conn_options = {"keep_alive": keep_alive_period, "dead_peer_timeout": dead_peer_timeout,
@@ -126,6 +132,7 @@ class TunnelServer:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self._endpoint = Endpoint.bind(*self._tunnel_bind, backend=self.backend, server_config=self._quic_config,
+                                       empty_cid_fallback=self._empty_cid_fallback,
                                        on_connection=self._on_connection,
                                        connection_options=self._conn_options)
         self._endpoint.start()

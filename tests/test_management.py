@@ -12,6 +12,8 @@ import time
 import pytest
 import requests
 
+from reverst.quic import load_backend
+
 from .conftest import Proc, Server, TunnelClient
 from .observe import MANAGEMENT_LINE, ManagedServer, eventually
 
@@ -85,6 +87,7 @@ def test_status_shows_groups_hosts_strategy_names_and_tunnels(mserver, certs, pr
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", tunnel["connected_since"])
         assert tunnel["in_flight"] == 0 and tunnel["lost_packets"] == 0
         assert 0 < tunnel["rtt_ms"] < 1000
+        assert tunnel["quic_backend"] == load_backend().NAME  # (our clients: never the fallback)
     assert groups["empty.test"]["tunnels"] == [] and groups["empty.test"]["requests_total"] == 0
     assert status["requests_total"] == 6
 

@@ -38,6 +38,7 @@ from ..protocol import ALPN, AppErrorCode
 from ._common import Liveness, is_stateless_reset_candidate, stateless_reset_token
 
 NAME = "aioquic"
+SERVES_EMPTY_CLIENT_CIDS = True  # (see reverst.quic._qh3)
 
 import aioquic as _library  # noqa: E402
 

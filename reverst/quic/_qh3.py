@@ -43,6 +43,12 @@ from ..protocol import ALPN, AppErrorCode
 from ._common import Liveness, stateless_reset_token
 
 NAME = "qh3"
+#: qh3 2.1's server cannot answer a client whose source connection id is empty, as
+#: quic-go's dialer makes it (the Go reverst client): the core keeps the client's original
+#: destination id as the peer's, addresses its replies to it, and the client drops them.
+#: (One id serves both as the peer's id and to recognise and decrypt the client's Initials,
+#: so no wrapper can split them.) The shell serves such clients with another backend.
+SERVES_EMPTY_CLIENT_CIDS = False
 
 import qh3 as _library  # noqa: E402
 
