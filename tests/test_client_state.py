@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 import gevent
 import pytest
@@ -96,3 +97,23 @@ def test_a_failing_callback_does_not_break_the_client(server, certs):
         client.stop(2)
         runner.join(5)
     assert seen == ["connected", "stopped"]  # two connections, one change
+
+
+def test_stop_while_dialling_a_server_that_is_down_returns_at_once(certs):
+    """A slot waiting for a handshake that never comes must not hold stop() up for the
+    handshake timeout."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % s.getsockname()[1]  # a port that answers nothing
+        client = Client(flask_app, address, tunnel_group="app.test", server_name="localhost",
+                        ca_file=certs["ca"], auth=BasicAuth("user", "pass"), handshake_timeout=10.0)
+        runner = gevent.spawn(client.dial_and_serve)
+        gevent.sleep(0.5)  # dialling
+        assert client.state == "connecting"
+        start = time.monotonic()
+        client.stop(2)
+        runner.join(5)
+        assert runner.dead and runner.exception is None
+        assert time.monotonic() - start < 1.0
+        assert client.state == "stopped"

@@ -165,7 +165,9 @@ class Client:
         """Dial, register and serve until :meth:`stop`; raises when registration fails for good."""
         runners = [gevent.spawn(self._run_slot, i) for i in range(len(self._slots))]
         try:
-            for done in gevent.iwait(runners):
+            for done in gevent.iwait(runners + [self._stopped]):
+                if done is self._stopped:  # stop() is done: a slot still dialling is killed below
+                    break
                 if done.exception is not None:  # a fatal error ends every slot
                     self._stopping.set()
                     for runner in runners:
