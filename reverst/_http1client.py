@@ -122,6 +122,24 @@ class Pool:
                 sock.close()
                 raise
 
+    def upgrade(self, target: str, headers: list[tuple[str, str]]) -> "Response":
+        """``GET`` with the given ``Upgrade`` headers on a new connection (never pooled), read
+        up to the end of the response head. A ``101`` leaves the connection to the caller
+        (:meth:`Response.detach`); any other answer is a normal response."""
+        sock = self._connect()
+        response = Response(self, sock, head_only=False)
+        try:
+            try:
+                send_all(sock, _head("GET", target, headers, chunked=False))
+            except OSError as exc:
+                raise _broken(exc, "sending the request") from None
+            while not response.headers_done:
+                response.receive()
+            return response
+        except BaseException:
+            sock.close()
+            raise
+
     def close(self) -> None:
         """Close the idle connections (in-flight ones close when their response ends)."""
         while self._idle:
@@ -220,7 +238,7 @@ class Response:
     """
 
     __slots__ = ("status", "reason", "headers", "headers_done", "done", "received", "_chunks", "_pool",
-                 "_sock", "_head_only", "_keep_alive", "_until_eof", "_extra", "_parser")
+                 "_sock", "_head_only", "_keep_alive", "_until_eof", "_extra", "_parser", "upgraded")
 
     def __init__(self, pool: Pool, sock, *, head_only: bool) -> None:
         self.status = 0
@@ -237,6 +255,7 @@ class Response:
         self._extra = False
         self._parser = httptools.HttpResponseParser(self)
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)  # bare LF, as http.client
+        self.upgraded: bytes | None = None  # after a 101: the new protocol's first bytes
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -290,10 +309,19 @@ class Response:
         self.received = True
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+        except httptools.HttpParserUpgrade as exc:
+            if self.status == 101 and self.headers_done:  # the rest belongs to the new protocol
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                self.upgraded = data[offset:]
+                self.done = True
+                return
             if not self.done:
                 raise ProtocolError(f"invalid response: {exc}") from None
-            self._extra = True  # after 101, or junk after the response
+            self._extra = True
+        except httptools.HttpParserError as exc:
+            if not self.done:
+                raise ProtocolError(f"invalid response: {exc}") from None
+            self._extra = True  # junk after the response
 
     def stream(self):
         """The body: an iterator of chunks, each handed on as it was received (so that
@@ -321,6 +349,11 @@ class Response:
     def close(self) -> None:
         """Instead of :meth:`stream`: give up on the response and close its connection."""
         self._sock.close()
+
+    def detach(self):
+        """After a 101: the connection, now the new protocol's (the caller closes it)."""
+        sock, self._sock = self._sock, None
+        return sock
 
     def _finish(self) -> None:
         if self._keep_alive and not self._extra:

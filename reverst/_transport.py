@@ -401,6 +401,7 @@ class Connection:
         self._incoming_raw: gevent.queue.Queue = gevent.queue.Queue()
         self._blocked_writers: set[Stream] = set()
         self._stream_credit: gevent.event.Event | None = None  # request openers wait on it
+        self._settings: gevent.event.Event | None = None  # set once the peer's H3 SETTINGS came
         self._loop = gevent.get_hub().loop
         self._timer = None
         self._timer_at: float | None = None
@@ -562,6 +563,8 @@ class Connection:
                 stream._on_data(ev.data, ev.stream_ended)
         if h3.malformed:
             self._abort_malformed(h3)
+        if self._settings is not None and h3.received_settings is not None:
+            self._settings.set()
         if isinstance(event, (self._ev.StreamReset, self._ev.StopSendingReceived)):
             stream = self._h3streams.get(sid)
             if stream is not None:
@@ -594,6 +597,15 @@ class Connection:
             self._h3_event(event)
         self.schedule_transmit()
         return self.h3
+
+    def wait_settings(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) for the peer's HTTP/3 SETTINGS; True once they came."""
+        if self.h3 is not None and self.h3.received_settings is not None:
+            return True
+        if self._settings is None:
+            self._settings = gevent.event.Event()
+        self._settings.wait(timeout)
+        return self.h3 is not None and self.h3.received_settings is not None
 
     # -- streams ----------------------------------------------------------------------
     def open_stream(self) -> "Stream":
@@ -675,6 +687,8 @@ class Connection:
         self._incoming_raw.put(None)
         if self._stream_credit is not None:
             self._stream_credit.set()
+        if self._settings is not None:
+            self._settings.set()
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             try:
@@ -706,6 +720,8 @@ class Stream:
         self._discarding = False
         self._readable = gevent.event.Event()
         self._writable = gevent.event.Event()
+        #: called (in the hub) whenever there is something new to read: data, end or error
+        self.on_readable: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.stream_id} peer={format_address(self.conn.peer)}>"
@@ -730,12 +746,16 @@ class Stream:
         if end:
             self._eof = True
         self._readable.set()
+        if self.on_readable is not None:
+            self.on_readable()
 
     def _fail(self, exc: Exception) -> None:
         if self._error is None:
             self._error = exc
         self._readable.set()
         self._writable.set()
+        if self.on_readable is not None:
+            self.on_readable()
 
     # -- reading ------------------------------------------------------------------------
     def read(self, n: int = -1, timeout: float | None = None) -> bytes:
@@ -776,6 +796,11 @@ class Stream:
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
+
+    @property
+    def readable(self) -> bool:
+        """A read would not block: data buffered, or the end, or an error."""
+        return bool(self._chunks) or self._eof or self._error is not None
 
     # -- writing ------------------------------------------------------------------------
     def _send(self, data: bytes, end: bool) -> None:
@@ -857,6 +882,7 @@ class Stream:
             self._discarding = True
             self._chunks.clear()
             quic.release(self.stream_id)
+            self._fail(StreamReset(self.stream_id, stop_code))  # a reader still waiting learns it
         conn.schedule_transmit()
 
 

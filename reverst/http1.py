@@ -16,6 +16,10 @@ The application is called as ``app(environ, start_response)`` with a small envir
 - ``wsgi.input``: the body, read as it arrives (``read(n)``); a ``100 Continue`` goes out
   at the first read when the client asked for it.  A malformed body raises
   :class:`BadRequest`; if the application lets it escape, the client gets a 400.
+- ``reverst.upgrade`` (requests with ``Upgrade``): after ``start_response("101 ...")``,
+  calling it sends that head and returns the connection as an :class:`UpgradedSocket`
+  (bytes the client sent after its request head come first); the application then owns
+  the bytes both ways and returns an empty iterable. The connection ends after it.
 
 The application returns an iterable of bytes; each item is sent as it comes (chunked
 when the response has no length and the client speaks HTTP/1.1).  If the iterable fails
@@ -87,7 +91,7 @@ class Request:
     """One parsed request head and its body as it arrives."""
 
     __slots__ = ("method", "target", "version", "fields", "keep_alive", "expect_continue", "chunks",
-                 "complete", "upgrade", "_conn", "_continued", "chunked", "length")
+                 "complete", "upgrade", "upgrade_data", "_conn", "_continued", "chunked", "length")
 
     def __init__(self, conn: "_Connection") -> None:
         self._conn = conn
@@ -96,6 +100,7 @@ class Request:
         self.chunks: deque[bytes] = deque()
         self.complete = False
         self.upgrade = False
+        self.upgrade_data = b""  # what followed the head of an upgrade request
         self._continued = False
 
     def read(self, size: int = -1) -> bytes:
@@ -148,10 +153,12 @@ class RequestParser:
                 raise self.error
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade/CONNECT: served as a plain request (hop-by-hop headers never reach the
-            # tunnel), and nothing after it on this connection.
+        except httptools.HttpParserUpgrade as exc:
+            # Upgrade/CONNECT: nothing after it on this connection is parsed as HTTP; what
+            # follows the head belongs to the new protocol (if the application switches).
             self.parsing.upgrade = True
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.parsing.upgrade_data = data[offset:]
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self.error = cause if isinstance(cause, BadRequest) else BadRequest(str(exc))
@@ -193,14 +200,23 @@ class RequestParser:
         req.expect_continue = False
         req.chunked = False
         req.length = None
+        hosts = 0
         for name, value in req.fields:
             low = name.lower()
-            if low == "expect":
+            if low == "host":
+                hosts += 1
+            elif low == "expect":
                 req.expect_continue = value.lower() == "100-continue" and req.version != "1.0"
             elif low == "transfer-encoding":
                 req.chunked = True
             elif low == "content-length":
                 req.length = value
+        # RFC 9112 §3.2 (and Go's net/http): one Host, and HTTP/1.1 must send it. Routing
+        # by the first of two would let a request reach another group than a proxy saw.
+        if hosts > 1:
+            raise BadRequest("more than one Host field")
+        if hosts == 0 and req.version == "1.1":
+            raise BadRequest("missing Host field")
         self.requests.append(req)
 
     def on_body(self, body: bytes) -> None:
@@ -335,6 +351,8 @@ class _Connection:
                 environ["HTTP_HOST"] = value
                 break
         response = _Response(self, req)
+        if req.upgrade:
+            environ["reverst.upgrade"] = response.switch
         result = None
         try:
             result = self.app(environ, response.start_response)
@@ -368,6 +386,8 @@ class _Connection:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
+        if response.switched:
+            return False
         if not req.complete:  # answered before the body was read: don't parse the rest
             self.linger()
             return False
@@ -390,8 +410,44 @@ class _Connection:
             pass
 
 
+class UpgradedSocket:
+    """A public connection after ``101 Switching Protocols``: raw bytes both ways. Sends
+    are watched by the front's sweep (a client not reading for IDLE_TIMEOUT is cut);
+    receives are not (a WebSocket may stay quiet for hours)."""
+
+    def __init__(self, conn: "_Connection", pending: bytes) -> None:
+        self._conn = conn
+        self._pending = pending
+
+    def recv(self, size: int = RECV) -> bytes:
+        """Up to ``size`` bytes; b"" once the client closed its side. OSError if broken."""
+        if self._pending:
+            data, self._pending = self._pending[:size], self._pending[size:]
+            return data
+        return self._conn.sock.recv(size)
+
+    def send(self, data) -> None:
+        self._conn.send(data)
+
+    def shutdown_write(self) -> None:
+        """End our sending side (the client reads EOF); receiving goes on."""
+        try:
+            self._conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """Cut the connection both ways at once (a reset, not an orderly close)."""
+        try:
+            self._conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self._conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Response:
-    __slots__ = ("conn", "req", "status", "headers", "started", "chunked", "body_allowed", "keep_alive")
+    __slots__ = ("conn", "req", "status", "headers", "started", "chunked", "body_allowed", "keep_alive",
+                 "switched")
 
     def __init__(self, conn: _Connection, req: Request) -> None:
         self.conn = conn
@@ -402,6 +458,15 @@ class _Response:
         self.chunked = False
         self.body_allowed = True
         self.keep_alive = req.keep_alive
+        self.switched = False
+
+    def switch(self) -> UpgradedSocket:
+        """Send the ``101`` given to start_response and hand the connection over."""
+        if self.started or self.status is None or not self.status.startswith("101"):
+            raise AssertionError("switch() needs start_response('101 ...') and nothing sent yet")
+        self.started = self.switched = True
+        self.conn.send(bytes(self._head()))
+        return UpgradedSocket(self.conn, self.req.upgrade_data)
 
     def start_response(self, status: str, headers, exc_info=None):
         if exc_info is not None:
@@ -431,6 +496,8 @@ class _Response:
             out += f"{name}: {value}\r\n".encode("latin-1")
         if not has_date:
             out += b"Date: " + _date() + b"\r\n"
+        if code == 101:  # the head's own Upgrade/Connection fields say what follows
+            return out + b"\r\n"
         if self.body_allowed and not has_length:
             if req.version == "1.1":
                 self.chunked = True

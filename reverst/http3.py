@@ -21,6 +21,12 @@ HOP_BY_HOP = frozenset({
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection",
                                  "transfer-encoding", "upgrade"})
 
+SETTINGS_ENABLE_CONNECT_PROTOCOL = 0x8  # RFC 8441 §3, RFC 9220 §3
+#: reverst's own setting (an unregistered id, not a GREASE value; peers ignore it): the
+#: extensions this HTTP/3 server (a tunnel client) serves, as bits.
+SETTINGS_REVERST_FEATURES = 0x52565354  # "RVST"
+FEATURE_WEBSOCKET = 0x1
+
 H3_NO_ERROR = 0x100
 H3_INTERNAL_ERROR = 0x102
 H3_REQUEST_REJECTED = 0x10B
@@ -69,6 +75,22 @@ class ReversedRoles:
 
     def _no_dynamic_table_decoder(self):
         raise NotImplementedError
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        if not self._http_client:  # the tunnel client: it serves WebSockets (reverst.websocket)
+            settings[SETTINGS_ENABLE_CONNECT_PROTOCOL] = 1
+            settings[SETTINGS_REVERST_FEATURES] = FEATURE_WEBSOCKET
+        return settings
+
+    @property
+    def peer_serves_websockets(self) -> bool:
+        """The peer (a tunnel client) accepts WebSockets as extended CONNECT: it advertised
+        both ENABLE_CONNECT_PROTOCOL and reverst's WebSocket feature (a Go client advertises
+        only the first, and cannot serve it). False until its SETTINGS arrived."""
+        settings = self._received_settings
+        return bool(settings) and settings.get(SETTINGS_ENABLE_CONNECT_PROTOCOL) == 1 and bool(
+            settings.get(SETTINGS_REVERST_FEATURES, 0) & FEATURE_WEBSOCKET)
 
     # H3Connection assigns self._is_client from the QUIC role in __init__; every use of
     # it is an HTTP-role decision except the unidirectional-stream bookkeeping below.

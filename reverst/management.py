@@ -102,6 +102,7 @@ class ManagementApp:
                     "connected_seconds": round(max(0.0, now - connected_at), 1),
                     "requests_served": tunnel.requests if tunnel else 0,
                     "in_flight": server.in_flight(conn),
+                    "websockets": server.websockets.get(conn, 0),
                     "open_streams": conn.open_streams,
                     "quic_backend": conn.backend.NAME,
                     "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,

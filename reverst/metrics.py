@@ -154,6 +154,13 @@ class ServerMetrics:
             "reverst_tunnel_group_sent_bytes_total",
             "Response body bytes received from the group's tunnels and sent to public clients",
             ["tunnel_group"], registry=registry)
+        self.websockets = Counter(
+            "reverst_tunnel_group_websockets_total",
+            "WebSockets opened through the group's tunnels", ["tunnel_group"], registry=registry)
+        self.websocket_bytes = Counter(
+            "reverst_tunnel_group_websocket_bytes_total",
+            "WebSocket bytes carried through the group's tunnels, by direction (in: from public "
+            "clients, out: to them)", ["tunnel_group", "direction"], registry=registry)
         #: lost packets of the tunnels that closed, by group (live ones are read at scrape time)
         self.lost_packets_closed: dict[str, int] = {}
         self.reloads = Counter(
@@ -235,6 +242,12 @@ class ServerMetrics:
                 stats.bytes_out.inc(sent)
             if received:
                 stats.bytes_in.inc(received)
+        ws = environ.get("reverst.websocket")
+        if ws is not None and group is not None:  # an open WebSocket that ended: its bytes
+            sent, received = ws["sent"], ws["received"]
+            self.websockets.labels(group).inc()
+            self.websocket_bytes.labels(group, "in").inc(received)
+            self.websocket_bytes.labels(group, "out").inc(sent)
         conn = environ.get("reverst.tunnel")
         tunnel = self.tunnels.get(conn) if conn is not None else None
         if tunnel is not None:
@@ -246,9 +259,16 @@ class ServerMetrics:
             client = environ.get("REMOTE_ADDR", "")
             fields = {"method": method, "host": route, "path": path, "status": code, "bytes": sent,
                       "duration_ms": round(elapsed_ms, 1), "tunnel": peer, "client": client}
-            access_logger.info("method=%s host=%s path=%s status=%d bytes=%d duration_ms=%.1f tunnel=%s client=%s",
-                               _logfmt(method), _logfmt(route), _logfmt(path), code, sent, elapsed_ms,
-                               _logfmt(peer), _logfmt(client), extra={"fields": fields})
+            if ws is None:
+                access_logger.info("method=%s host=%s path=%s status=%d bytes=%d duration_ms=%.1f tunnel=%s "
+                                   "client=%s", _logfmt(method), _logfmt(route), _logfmt(path), code, sent,
+                                   elapsed_ms, _logfmt(peer), _logfmt(client), extra={"fields": fields})
+            else:  # one line when a WebSocket ends: bytes each way, how it ended
+                fields.update({"websocket": True, "bytes_in": received, "close": ws["close"]})
+                access_logger.info("method=%s host=%s path=%s status=%d websocket bytes=%d bytes_in=%d "
+                                   "duration_ms=%.1f close=%s tunnel=%s client=%s", _logfmt(method),
+                                   _logfmt(route), _logfmt(path), code, sent, received, elapsed_ms,
+                                   _logfmt(ws["close"]), _logfmt(peer), _logfmt(client), extra={"fields": fields})
 
 
 class PublicRequests:
@@ -400,6 +420,11 @@ class _StateCollector:
                 rtt_max.add_metric([name], max(samples))
         yield active
         yield in_flight
+        open_ws = GaugeMetricFamily("reverst_tunnel_group_websockets_open",
+                                    "WebSockets open now through the group's tunnels", labels=["tunnel_group"])
+        for name in server.groups.groups:
+            open_ws.add_metric([name], sum(server.websockets.get(c, 0) for c in server.connections(name)))
+        yield open_ws
         yield rtt
         yield rtt_max
         lost = dict(self.metrics.lost_packets_closed)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import re
+import socket as socket_module
 from urllib.parse import quote, urlsplit
 
 from . import _http1client as http1
+from . import websocket
 from .http3 import HOP_BY_HOP, strip_hop_by_hop
 
 logger = logging.getLogger("reverst.proxy")
@@ -115,6 +117,9 @@ class LocalProxy:
             headers.append(("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "https")))
         if "x-forwarded-for" not in names and environ.get("REMOTE_ADDR"):
             headers.append(("X-Forwarded-For", environ["REMOTE_ADDR"]))
+        tunnel_socket = environ.get("werkzeug.socket")
+        if tunnel_socket is not None and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            return self._websocket(environ, start_response, tunnel_socket, target, headers)
         length = environ.get("CONTENT_LENGTH")
         if length and not length.isdigit():
             return _error(start_response, "400 Bad Request", "reverst: invalid Content-Length\n")
@@ -144,6 +149,76 @@ class LocalProxy:
         if response.done:
             return response.stream()
         return _relay(response.stream())
+
+
+    def _websocket(self, environ, start_response, tunnel_socket, target: str, headers):
+        """A WebSocket: an HTTP/1.1 upgrade to the local service; its 101 goes back on the
+        tunnel's socket and the bytes are relayed both ways; any other answer is relayed
+        as a plain response."""
+        path = target.split("?", 1)[0]
+        key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "")
+        headers = headers + [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        try:
+            response = self._pool.upgrade(self._prefix + target, headers)
+        except http1.ConnectError as exc:
+            logger.warning("WebSocket %s: local service %s unreachable: %s", path, self.target, exc)
+            return _error(start_response, "502 Bad Gateway",
+                          f"reverst: local service {self.target} refused the connection\n")
+        except http1.HTTPError as exc:
+            logger.warning("WebSocket %s: local service %s failed: %s", path, self.target, exc)
+            return _error(start_response, "502 Bad Gateway",
+                          f"reverst: local service {self.target} failed: {type(exc).__name__}\n")
+        if response.status != 101:  # refused: its answer, as any response
+            start_response(f"{response.status} {response.reason.decode('latin-1')}".rstrip(),
+                           strip_hop_by_hop(response.headers))
+            return _relay(response.stream())
+        accept = [v for k, v in response.headers if k.lower() == "sec-websocket-accept"]
+        local = response.detach()
+        if accept != [websocket.accept_value(key)]:
+            local.close()
+            logger.warning("WebSocket %s: local service %s sent a wrong Sec-WebSocket-Accept", path, self.target)
+            return _error(start_response, "502 Bad Gateway",
+                          f"reverst: local service {self.target} botched the WebSocket handshake\n")
+        head = "HTTP/1.1 101 Switching Protocols\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in response.headers) + "\r\n"
+        local.settimeout(None)  # an open WebSocket may stay quiet for hours
+        try:
+            tunnel_socket.send(head.encode("latin-1"))
+            if response.upgraded:
+                tunnel_socket.send(response.upgraded)
+            _relay_sockets(local, tunnel_socket)
+        finally:
+            local.close()
+            tunnel_socket.close()
+        return []
+
+
+def _relay_sockets(local, tunnel) -> None:
+    """Bytes both ways between the local service's socket and the tunnel's, until both
+    ended (each end's close is passed on as a half-close) or one broke (both are cut)."""
+    import gevent  # expose runs in greenlets (sockets made cooperative)
+
+    def pipe(read, write, end) -> None:
+        try:
+            while data := read(65536):
+                write(data)
+            end()
+        except OSError:
+            local.close()
+            tunnel.close()
+
+    def end_local() -> None:
+        try:
+            local.shutdown(socket_module.SHUT_WR)
+        except OSError:
+            pass
+
+    directions = [gevent.spawn(pipe, local.recv, tunnel.sendall, lambda: tunnel.shutdown(socket_module.SHUT_WR)),
+                  gevent.spawn(pipe, tunnel.recv, local.sendall, end_local)]
+    try:
+        gevent.joinall(directions)
+    finally:
+        gevent.killall(directions)
 
 
 def _relay(body):

@@ -6,6 +6,7 @@ stream -> the tunnel client's response streamed back.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http
@@ -17,11 +18,11 @@ import gevent.lock
 import gevent.pywsgi
 import gevent.queue
 import gevent.server
-from . import auth, http1, protocol
+from . import auth, http1, protocol, websocket
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
-from .http3 import H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
+from .http3 import H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
 from .logs import format_address
 from .metrics import ServerMetrics
 from .quic import load_backend
@@ -30,6 +31,15 @@ logger = logging.getLogger(__name__)
 
 #: quic-go's default; requests beyond it wait for a free stream.
 MAX_REQUESTS_PER_CONNECTION = 100
+#: Open WebSockets per tunnel connection (they hold a stream each for their whole life,
+#: so they have a budget of their own: plain requests keep their 100). Our tunnel clients
+#: grant the streams for both (reverst.quic: REQUEST_STREAMS).
+MAX_WEBSOCKETS_PER_CONNECTION = 500
+#: How long a WebSocket request waits for a just-registered tunnel's HTTP/3 SETTINGS
+#: (they tell whether it serves WebSockets; they come one round trip after registration).
+SETTINGS_WAIT = 2.0
+#: After one direction of a WebSocket ended cleanly, how long the other may go on.
+WEBSOCKET_HALF_CLOSED = 30.0
 CHUNK = 64 * 1024
 
 
@@ -45,17 +55,30 @@ class _Tunnels:
         self.connections: list[Connection] = []
         self._next = 0
 
-    def pick(self) -> Connection | None:
+    def pick(self, accept=None) -> Connection | None:
+        """The next open connection (for which ``accept(conn)`` is true, if given)."""
         conns = self.connections
-        while conns:
+        skipped = 0
+        while conns and skipped < len(conns):
             index = self._next if self._next < len(conns) else 0
             conn = conns[index]
-            if conn.is_open:
-                self._next = (index + 1) % len(conns)
+            if not conn.is_open:
+                del conns[index]  # found closed: drop it, try the next one
+                self._next = index
+                continue
+            self._next = (index + 1) % len(conns)
+            if accept is None or accept(conn):
                 return conn
-            del conns[index]  # found closed: drop it, try the next one
-            self._next = index
+            skipped += 1
         return None
+
+
+class _NoSlot:
+    """The slots of a WebSocket's refused CONNECT, counted apart (see _websocket)."""
+
+    @staticmethod
+    def release() -> None:
+        pass
 
 
 _RETRY = object()  # _forward's answer when another tunnel of the group may take the request
@@ -66,6 +89,13 @@ _RETRIABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 class _UpstreamAborted(Exception):
     """The tunnel stream broke after the public response started: cut the connection."""
+
+
+def _response_status(fields) -> int:
+    for name, value in fields:
+        if name == b":status":
+            return int(value)
+    return 502
 
 
 def _status_line(code: int) -> str:
@@ -85,7 +115,8 @@ class TunnelServer:
                  max_idle_timeout: float = 60.0, keep_alive_period: float = 30.0,
                  registration_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
                  max_datagram_size: int = 1452, access_log: bool = True,
-                 quic_backend: str | None = None) -> None:
+                 quic_backend: str | None = None,
+                 max_websockets_per_tunnel: int = MAX_WEBSOCKETS_PER_CONNECTION) -> None:
         #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
         #: answers 503 until :meth:`update_groups` is called)
         self.groups_loaded = gevent.event.Event()
@@ -116,6 +147,9 @@ class TunnelServer:
         self._management_bind = management_address
         self._tunnels: dict[str, _Tunnels] = {}
         self._slots: dict[Connection, gevent.lock.BoundedSemaphore] = {}
+        self.max_websockets_per_tunnel = max_websockets_per_tunnel
+        #: open WebSockets per tunnel connection
+        self.websockets: dict[Connection, int] = {}
         self._endpoint: Endpoint | None = None
         self._http: gevent.server.StreamServer | None = None
         self._management: gevent.pywsgi.WSGIServer | None = None
@@ -304,6 +338,7 @@ class TunnelServer:
 
     def _on_tunnel_closed(self, conn: Connection) -> None:
         self._slots.pop(conn, None)
+        self.websockets.pop(conn, None)
         self.metrics.tunnel_closed(conn)
         tunnels = self._tunnels.get(getattr(conn, "group", None))
         if tunnels is not None and conn in tunnels.connections:
@@ -328,6 +363,8 @@ class TunnelServer:
             return [b"bad gateway\n"]
         environ["reverst.group"] = group.name
         tunnels = self._tunnels.get(group.name)
+        if websocket.is_upgrade(headers):
+            return self._websocket(tunnels, group.name, environ, headers, host, start_response)
         tried: set[Connection] = set()
         while True:
             conn = tunnels.pick() if tunnels else None
@@ -396,12 +433,15 @@ class TunnelServer:
         except BaseException:
             self._finish(stream, pump, slots)
             raise
-        status = 502
+        return self._answer(stream, response, method, pump, slots, start_response)
+
+    def _answer(self, stream: H3Stream, response, method: str, pump, slots, start_response):
+        """The tunnel's response as the public one: status, fields (hop-by-hop removed,
+        Canonical-Case), and the body relayed as it arrives."""
+        status = _response_status(response)
         out_headers = []
         for name, value in response:
-            if name == b":status":
-                status = int(value)
-            elif not name.startswith(b":"):
+            if not name.startswith(b":") and name != websocket.DECLINED:
                 out_headers.append((name.decode("latin-1"), value.decode("latin-1")))
         out_headers = strip_hop_by_hop(out_headers)
         no_body = status in (204, 304) or 100 <= status < 200
@@ -412,6 +452,125 @@ class TunnelServer:
             self._finish(stream, pump, slots)
             return [b""]
         return self._relay(stream, pump, slots)
+
+    # -- WebSockets (reverst.websocket) ------------------------------------------------------------
+    def _websocket(self, tunnels, group: str, environ: dict, headers, host: str, start_response):
+        """A public upgrade request: an extended CONNECT into a tunnel that serves it, a
+        101 and the bytes both ways if it accepts, its answer relayed if not."""
+        has_body = bool(environ.get("HTTP_TRANSFER_ENCODING")) or int(environ.get("CONTENT_LENGTH") or 0) > 0
+        try:
+            key = websocket.check_upgrade(environ["REQUEST_METHOD"], environ["SERVER_PROTOCOL"][5:], headers,
+                                          has_body)
+            switch = environ.get("reverst.upgrade")
+            if switch is None:  # (llhttp saw no upgrade: Connection lacks the token)
+                raise websocket.HandshakeError(400, "a WebSocket handshake needs Connection: Upgrade")
+        except websocket.HandshakeError as exc:
+            return self._refuse(start_response, exc.status, exc.reason, exc.headers)
+        if tunnels is None or not any(c.is_open for c in tunnels.connections):
+            logger.info("no tunnel connection for group %r (WebSocket)", group)
+            return self._empty_502(start_response)
+        for c in list(tunnels.connections):  # a tunnel just registered: its SETTINGS say if it can
+            if c.is_open and c.h3 is not None and c.h3.received_settings is None:
+                c.wait_settings(SETTINGS_WAIT)
+        conn = tunnels.pick(lambda c: c.h3 is not None and c.h3.peer_serves_websockets
+                            and self.websockets.get(c, 0) < self.max_websockets_per_tunnel)
+        if conn is None:
+            if any(c.h3 is not None and c.h3.peer_serves_websockets for c in tunnels.connections if c.is_open):
+                return self._refuse(start_response, 503, "every tunnel of this group has as many WebSockets "
+                                    "open as it may", [("Retry-After", "1")])
+            return self._refuse(start_response, 501, f"the tunnels of group {group!r} cannot carry WebSockets")
+        environ["reverst.tunnel"] = conn
+        fields = websocket.connect_fields(host, environ["reverst.raw_path"], headers, environ.get("REMOTE_ADDR", ""))
+        self.websockets[conn] = self.websockets.get(conn, 0) + 1
+        stream = None
+        answered = False  # the stream was handed to _answer, which finishes it
+        try:
+            try:
+                stream = conn.open_request(fields)
+                response = stream.wait_headers()
+            except (ConnectionClosed, StreamReset) as exc:
+                logger.info("WebSocket %s via %s failed before the answer: %s",
+                            environ["reverst.raw_path"].split("?", 1)[0], format_address(conn.peer), exc)
+                return self._empty_502(start_response)
+            status = _response_status(response)
+            if not 200 <= status < 300 or any(name == websocket.DECLINED for name, _ in response):
+                with contextlib.suppress(ConnectionClosed, StreamReset):
+                    stream.write(b"", end=True)  # no WebSocket: a plain answer to a plain request
+                answered = True
+                return self._answer(stream, response, "GET", None, _NoSlot, start_response)
+            start_response("101 Switching Protocols", websocket.switching_protocols_fields(response, key))
+            environ["reverst.websocket"] = self._relay_websocket(switch(), stream)
+            return []
+        finally:
+            self.websockets[conn] = self.websockets.get(conn, 1) - 1
+            if stream is not None and not answered:
+                stream.finish()
+
+    @staticmethod
+    def _refuse(start_response, status: int, reason: str, headers=()):
+        body = (reason + "\n").encode()
+        start_response(_status_line(status), [("Content-Type", "text/plain; charset=utf-8"),
+                                              ("Content-Length", str(len(body))), *headers])
+        return [body]
+
+    @staticmethod
+    def _relay_websocket(sock: http1.UpgradedSocket, stream: H3Stream) -> dict:
+        """The bytes of an open WebSocket, both ways, until both sides closed (a clean end
+        of one side leaves the other WEBSOCKET_HALF_CLOSED seconds) or one side broke (the
+        other is then cut at once). What it did, for the access log and the metrics."""
+        stats = {"received": 0, "sent": 0, "close": None}
+
+        def upstream() -> str | None:  # visitor -> tunnel
+            try:
+                while data := sock.recv(CHUNK):
+                    stats["received"] += len(data)
+                    stream.write(data)
+                stream.write(b"", end=True)
+                return None
+            except StreamReset as exc:
+                if exc.error_code == H3_NO_ERROR:  # the tunnel needs no more (its side is done)
+                    return None
+                sock.abort()
+                return f"tunnel: {exc}"
+            except ConnectionClosed as exc:
+                sock.abort()
+                return f"tunnel: {exc}"
+            except OSError as exc:
+                stream.reset(H3_REQUEST_CANCELLED)
+                return f"visitor: {exc}"
+
+        def downstream() -> str | None:  # tunnel -> visitor
+            try:
+                while data := stream.read(CHUNK):
+                    stats["sent"] += len(data)
+                    sock.send(data)
+                sock.shutdown_write()
+                return None
+            except (ConnectionClosed, StreamReset) as exc:
+                sock.abort()
+                return f"tunnel: {exc}"
+            except OSError as exc:
+                stream.reset(H3_REQUEST_CANCELLED)
+                return f"visitor: {exc}"
+
+        directions = [gevent.spawn(upstream), gevent.spawn(downstream)]
+        try:
+            first = next(gevent.iwait(directions))
+            other = directions[1] if first is directions[0] else directions[0]
+            if first.value is not None or first.exception is not None:
+                other.kill()  # one side broke: the other is cut (already, by its reset or abort)
+            else:
+                other.join(WEBSOCKET_HALF_CLOSED)
+                if not other.dead:
+                    other.kill()
+                    sock.abort()
+                    stream.reset(H3_REQUEST_CANCELLED)
+                    stats["close"] = "half-closed for too long"
+            reasons = [g.value for g in directions if g.value]
+            stats["close"] = stats["close"] or (reasons[0] if reasons else "closed")
+        finally:
+            gevent.killall(directions)
+        return stats
 
     def _relay(self, stream: H3Stream, pump, slots):
         try:

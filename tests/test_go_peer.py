@@ -504,3 +504,22 @@ def test_on_a_qh3_reverstd_go_clients_are_served_by_the_aioquic_core(certs, grou
         tunnels = eventually(app_tunnels, timeout=10)
         assert sorted(t["quic_backend"] for t in tunnels) == ["aioquic", "qh3"]
         assert sorted(get(server, "/name").text for _ in range(4)) == ["go", "go", "py", "py"]
+
+
+def test_a_websocket_to_a_group_of_go_tunnels_gets_a_clear_501_and_the_tunnel_keeps_serving(
+        certs, groups_path, procs):
+    """The Go client advertises ENABLE_CONNECT_PROTOCOL but cannot serve an extended CONNECT
+    (its round-tripper has no Upgrade); it lacks reverst's WebSocket feature setting, so it
+    never gets one: the visitor is told, and the tunnel is untouched."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+    server = Server(certs, groups_path)
+    procs.append(server)
+    with local_service("go") as go_local:
+        procs.append(GoClient(server, certs, go_local.url))
+        with pytest.raises(InvalidStatus) as info:
+            connect(f"ws://127.0.0.1:{server.http_port}/ws", open_timeout=5)
+        response = info.value.response
+        assert response.status_code == 501
+        assert response.body == b"the tunnels of group 'app.test' cannot carry WebSockets\n"
+        assert [get(server, "/name").text for _ in range(3)] == ["go"] * 3

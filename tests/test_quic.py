@@ -270,6 +270,25 @@ def test_qh3_send_buffered_counts_queued_unsent_bytes(small):
     assert reader.received(sid) == 10 * KiB + 8 * CONN_WINDOW
 
 
+def test_a_tunnel_client_grants_request_streams_beyond_the_librarys_default(tls):
+    """reverstd keeps 100 plain requests and its WebSockets open on one tunnel: our tunnel
+    clients grant REQUEST_STREAMS concurrent streams (aioquic allows 128, qh3 100)."""
+    from reverst.quic import REQUEST_STREAMS
+    link = make_link(tls, client_kwargs={"request_streams": REQUEST_STREAMS})
+    server = link.server
+    opened = []
+    for _ in range(300):  # none of them ends: all open at once
+        sid = server.get_next_available_stream_id()
+        if LIBRARY == "qh3":
+            assert server.can_open_stream()
+        server.send_stream_data(sid, b"x")
+        opened.append(sid)
+    link.advance(1.0)
+    received = {e.stream_id for e in link.events[link.client] if isinstance(e, events.StreamDataReceived)}
+    assert received >= set(opened)
+    assert link.client.closed_event is None and server.closed_event is None
+
+
 # -- keep-alive and liveness --------------------------------------------------------
 
 

@@ -306,6 +306,13 @@ def test_a_blocking_handler_does_not_stall_other_requests(tunnel):
         assert all(f.result().text == "slept s" for f in slow)
 
 
+def test_an_http11_request_without_host_is_400_and_an_http10_one_is_routed_as_before(tunnel):
+    reply = raw_request(tunnel, b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    reply = raw_request(tunnel, b"GET /hello HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 502 "), reply[:200]  # no Host, no group: as before
+
+
 @pytest.mark.parametrize("lines,status", [
     (b"X-Plain: one two\r\n", b"200"),
     (b"X-Folded: one\r\n two\r\n", b"400"),   # obsolete folding: rejected (RFC 9112 5.2)
@@ -315,6 +322,7 @@ def test_a_blocking_handler_does_not_stall_other_requests(tunnel):
     (b"Content-Length: 1\r\nContent-Length: 2\r\n", b"400"),
     (b"X-A: 1\r\n" * 101, b"431"),            # too many fields
     (b"X-B: " + b"b" * 70000 + b"\r\n", b"431"),  # head too large
+    (b"Host: other.test\r\n", b"400"),       # two Hosts (RFC 9112 3.2): never route by one of them
 ])
 def test_public_header_block_parsing(tunnel, lines, status):
     reply = raw_request(tunnel, b"GET /echo HTTP/1.1\r\nHost: app.test\r\n" + lines + b"Connection: close\r\n\r\n")

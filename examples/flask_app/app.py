@@ -3,8 +3,11 @@ import hashlib
 import time
 
 from flask import Flask, Response, jsonify, request
+from flask_sock import Sock
 
 app = Flask(__name__)
+app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25}  # keeps idle sockets alive through proxies
+sock = Sock(app)
 
 
 @app.get("/")
@@ -35,3 +38,10 @@ def upload():
         digest.update(chunk)
         size += len(chunk)
     return jsonify(size=size, sha256=digest.hexdigest())
+
+
+@sock.route("/ws")
+def ws_echo(ws):
+    """A WebSocket (flask-sock, unchanged): each message comes back upper-cased."""
+    while (message := ws.receive()) is not None:
+        ws.send(message.upper() if isinstance(message, str) else message)

@@ -9,7 +9,10 @@ monkey-patched), which is cheaper.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import socket
 import sys
 import time
 from collections import deque
@@ -21,6 +24,7 @@ from gevent import monkey
 from .._transport import H3Stream
 from ..errors import ConnectionClosed, ReverstError, StreamReset
 from ..http3 import H3_INTERNAL_ERROR, H3_REQUEST_REJECTED
+from .. import websocket
 from ..wsgi import WSGIInput, make_environ, response_headers, status_has_body
 
 logger = logging.getLogger("reverst.client")
@@ -182,6 +186,123 @@ class _Done:
 
 #: A worker thread waits for the hub after posting this many response bytes.
 POST_LIMIT = 256 * 1024
+#: Most bytes of the HTTP/1.1 response head an application writes on a WebSocket's socket
+MAX_SOCKET_HEAD = 64 * 1024
+
+
+class TunnelSocket:
+    """``environ["werkzeug.socket"]`` of a WebSocket request (an RFC 9220 extended
+    CONNECT): the socket-like object WSGI WebSocket libraries take over (simple-websocket,
+    hence flask-sock; anything that reads ``werkzeug.socket`` as the Werkzeug development
+    server provides it).
+
+    The library writes its HTTP/1.1 handshake answer on it: a ``101`` becomes
+    ``:status 200`` (the CONNECT succeeded; anything else keeps its status), then every
+    byte written or read is the WebSocket's, carried by the stream's DATA frames.
+    """
+
+    def __init__(self, stream: H3Stream, bridge) -> None:
+        self._stream = stream
+        self._call = bridge.call
+        self._head = bytearray()
+        self.status: int | None = None  # what the application answered on the socket
+        self.closed = False
+        self._read_closed = self._write_closed = False
+        self._doorbell: tuple[socket.socket, socket.socket] | None = None  # see fileno()
+        self._rung = False
+
+    @property
+    def used(self) -> bool:
+        """The application answered on the socket (its WSGI response is not sent)."""
+        return self.status is not None
+
+    def send(self, data) -> int:
+        data = bytes(data)
+        if self._write_closed:
+            raise OSError(errno.EPIPE, "the WebSocket was closed")
+        if self.status is None:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._head) > MAX_SOCKET_HEAD:
+                    raise OSError(errno.EMSGSIZE, "response head too large")
+                return len(data)
+            head, rest = bytes(self._head[:end]), bytes(self._head[end + 4:])
+            self._head.clear()
+            try:
+                status, fields = websocket.response_for_101(head)
+            except ValueError as exc:
+                raise OSError(errno.EPROTO, str(exc)) from None
+            self.status = status
+            self._io(self._stream.send_headers, [(b":status", str(status).encode())] + fields)
+            data = rest
+        if data:
+            self._io(self._stream.write, data)
+        return len(data)
+
+    sendall = send
+
+    def recv(self, size: int = 65536) -> bytes:
+        if self._read_closed:
+            return b""
+        return self._io(self._read, size)
+
+    def _read(self, size: int) -> bytes:  # (in the hub)
+        data = self._stream.read(size)
+        if self._rung and not self._stream.readable:  # nothing more for now: unring the doorbell
+            self._rung = False
+            with contextlib.suppress(OSError):
+                self._doorbell[0].recv(64)
+        return data
+
+    def fileno(self) -> int:
+        """A descriptor that polls readable whenever :meth:`recv` would not block (for
+        libraries that select() on the socket: simple-websocket's ``ping_interval``)."""
+        if self._doorbell is None:
+            pair = socket.socketpair()
+            for end in pair:
+                end.setblocking(False)
+            self._doorbell = pair
+            self._call(self._watch)
+        return self._doorbell[0].fileno()
+
+    def _watch(self) -> None:  # (in the hub)
+        self._stream.on_readable = self._ring
+        if self._stream.readable:
+            self._ring()
+
+    def _ring(self) -> None:  # (in the hub)
+        if not self._rung and self._doorbell is not None:
+            self._rung = True
+            with contextlib.suppress(OSError):
+                self._doorbell[1].send(b"\0")
+
+    def _io(self, fn, *args):
+        try:
+            return self._call(fn, *args)
+        except (StreamReset, ConnectionClosed) as exc:
+            raise ConnectionResetError(errno.ECONNRESET, str(exc)) from None
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        """``SHUT_WR``: end our side (FIN), reading goes on; ``SHUT_RD``: stop reading."""
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self._read_closed = True
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._write_closed:
+            self._write_closed = True
+            if self.status is not None:
+                try:
+                    self._call(self._stream.close)
+                except (StreamReset, ConnectionClosed):
+                    pass
+
+    def close(self) -> None:
+        """End our side of the WebSocket (FIN) and stop reading."""
+        self.closed = True
+        self.shutdown(socket.SHUT_RDWR)
+        if self._doorbell is not None:
+            self._call(setattr, self._stream, "on_readable", None)
+            for end in self._doorbell:
+                end.close()
 
 
 class WSGIHandler:
@@ -235,8 +356,12 @@ class WSGIHandler:
         """Run the app for one request (in a worker thread or a greenlet).  True if its
         last posted operation also sets ``done``."""
         call, post = self._bridge.call, self._bridge.post
-        environ = make_environ(stream.headers, WSGIInput(lambda n: call(stream.read, n)),
-                               peer=stream.conn.peer)
+        fields = stream.headers
+        connect = websocket.is_extended_connect(fields)
+        if connect:  # a WebSocket: presented as the HTTP/1.1 upgrade request WSGI servers see
+            fields = websocket.upgrade_environ_fields(fields)
+        environ = make_environ(fields, WSGIInput(lambda n: call(stream.read, n)), peer=stream.conn.peer)
+        sock = environ["werkzeug.socket"] = TunnelSocket(stream, self._bridge) if connect else None
         method = environ["REQUEST_METHOD"]
         state = {"status": None, "headers": None, "sent": False, "body": True, "posted": 0, "bytes": 0}
         started = time.monotonic()
@@ -247,6 +372,8 @@ class WSGIHandler:
             fields = response_headers(state["status"], state["headers"])
             state["sent"] = True
             state["body"] = status_has_body(int(fields[0][1]), method)
+            if connect and 200 <= int(fields[0][1]) < 300:  # not switched: tell reverstd (RFC 9220 2xx)
+                fields.append((websocket.DECLINED, b"1"))
             if not state["body"]:
                 data = b""
             first = data[:POST_LIMIT]
@@ -293,6 +420,13 @@ class WSGIHandler:
         completed = False  # the end of the response is posted already
         try:
             result = chunks = self.app(environ, start_response)
+            if sock is not None and sock.used:  # the application spoke on the socket: done
+                state["status"] = f"{sock.status} (WebSocket)"
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                sock.close()
+                return False
             if isinstance(result, (list, tuple)) and state["status"] is not None and not state["sent"]:
                 if not any(k.lower() == "content-length" for k, _ in state["headers"]):
                     state["headers"].append(("Content-Length", str(sum(len(c) for c in result))))

@@ -18,7 +18,7 @@ ConnectionIdRetired, ConnectionTerminated, HeadersReceived, DataReceived);
 ``STREAM_ERRORS`` (what a send on a reset stream raises); ``client_configuration()``,
 ``server_configuration()``; ``client_connection(cfg, **options)``,
 ``server_connection(cfg, original_destination_connection_id, **options)`` (options:
-``keep_alive``, ``dead_peer_timeout``, ``reset_key``) returning a connection with
+``keep_alive``, ``dead_peer_timeout``, ``reset_key``, ``request_streams``) returning a connection with
 aioquic's methods (``connect``, ``receive_datagram``, ``datagrams_to_send``,
 ``get_timer``, ``handle_timer``, ``next_event``, ``send_stream_data``, ``reset_stream``,
 ``stop_stream``, ``close``, ``host_cid``) plus ours: ``receive_datagrams``,
@@ -33,10 +33,11 @@ import importlib
 import os
 from types import ModuleType
 
-from ._common import (BUSY_PROBE_INTERVAL, CID_LENGTH, SUSPECT_GRACE, Header, encode_stateless_reset,
+from ._common import (BUSY_PROBE_INTERVAL, CID_LENGTH, REQUEST_STREAMS, SUSPECT_GRACE, Header, encode_stateless_reset,
                       encode_version_negotiation, parse_header_untrusted, stateless_reset_token)
 
 __all__ = ["BACKENDS", "load_backend", "available_backends", "BUSY_PROBE_INTERVAL", "SUSPECT_GRACE",
+           "REQUEST_STREAMS",
            "CID_LENGTH", "Header", "encode_stateless_reset", "encode_version_negotiation",
            "parse_header_untrusted", "stateless_reset_token"]
 

@@ -56,9 +56,11 @@ _EPOCH_SETS: dict[frozenset, frozenset] = {}
 
 class TunnelQuicConnection(Liveness, QuicConnection):
     def __init__(self, *, keep_alive: float | None = None, dead_peer_timeout: float = 5.0,
-                 reset_key: bytes | None = None, **kwargs) -> None:
+                 reset_key: bytes | None = None, request_streams: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self._init_liveness(keep_alive, dead_peer_timeout)
+        if request_streams:  # streams the peer may have open at once (aioquic: 128)
+            self._local_max_streams_bidi.value = request_streams
         self._reset_key = reset_key
         if reset_key is not None and not self._is_client:
             for cid in self._host_cids:

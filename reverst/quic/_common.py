@@ -26,6 +26,9 @@ BUSY_PROBE_INTERVAL = 1.0
 SUSPECT_GRACE = 0.25
 #: The length of the connection ids we issue (both libraries' default).
 CID_LENGTH = 8
+#: Request streams a tunnel client lets reverstd have open at once: reverstd's 100 plain
+#: requests and its WebSockets (reverst.server). Go's reverst and the libraries allow ~100.
+REQUEST_STREAMS = 1024
 
 QUIC_V1 = 0x00000001
 QUIC_V2 = 0x6B3343CF

@@ -36,7 +36,10 @@ from qh3.h3.connection import ProtocolError as H3ProtocolError
 from qh3.h3.exceptions import H3Error
 from qh3.quic import events as quic_events
 from qh3.quic.configuration import QuicConfiguration
+import qh3.quic.connection as _qh3_connection
+from qh3._hazmat import Buffer
 from qh3.quic.connection import QuicConnection, QuicConnectionError
+from qh3.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 
 from ..http3 import ReversedRoles
 from ..protocol import ALPN, AppErrorCode
@@ -94,10 +97,18 @@ class _GatedCore:
         return getattr(self._core, name)
 
 
+#: qh3 2.1 passes its (fixed) limit of peer-opened bidirectional streams to the native core
+#: as this positional argument; see request_streams.
+_CORE_LOCAL_MAX_STREAMS_BIDI = 21
+_QH3_MAX_STREAMS_BIDI = 100
+
+
 class TunnelQuicConnection(Liveness, QuicConnection):
     def __init__(self, *, keep_alive: float | None = None, dead_peer_timeout: float = 5.0,
-                 reset_key: bytes | None = None, **kwargs) -> None:
+                 reset_key: bytes | None = None, request_streams: int | None = None, **kwargs) -> None:
         self._reset_key = reset_key  # (read by _create_tls, during super().__init__ or later)
+        #: streams the peer may have open at once (qh3 2.1: a fixed 100), see _create_core
+        self._request_streams = request_streams
         super().__init__(**kwargs)
         self._init_liveness(keep_alive, dead_peer_timeout)
         #: unread bytes the owner may hold before no more credit is granted
@@ -299,8 +310,38 @@ class TunnelQuicConnection(Liveness, QuicConnection):
     def _rtt(self) -> float | None:
         return self.smoothed_rtt
 
+    # -- more concurrent streams than qh3's fixed 100 (a tunnel client: requests and WebSockets) --
+    def _create_core(self, remote_addr, initial_dcid: bytes, now: float) -> None:
+        if not self._request_streams:
+            super()._create_core(remote_addr, initial_dcid, now)
+            return
+        real, limit = _qh3_connection.QuicConnectionCore, self._request_streams
+
+        def core(*args):
+            args = list(args)
+            if args[_CORE_LOCAL_MAX_STREAMS_BIDI] == _QH3_MAX_STREAMS_BIDI:  # (as in qh3 2.1)
+                args[_CORE_LOCAL_MAX_STREAMS_BIDI] = limit
+            return real(*args)
+        _qh3_connection.QuicConnectionCore = core  # (sans-io and single-threaded: only for this call)
+        try:
+            super()._create_core(remote_addr, initial_dcid, now)
+        finally:
+            _qh3_connection.QuicConnectionCore = real
+
     def _create_tls(self, remote_source_cid):
         bridge = super()._create_tls(remote_source_cid)
+        if self._request_streams:  # what the core now enforces, told to the peer
+            serialize, limit = bridge.serialize_transport_parameters, self._request_streams
+
+            def with_request_streams() -> bytes:
+                params = pull_quic_transport_parameters(Buffer(data=serialize()))
+                params.initial_max_streams_bidi = limit
+                buf = Buffer(capacity=4096)
+                push_quic_transport_parameters(buf, params)
+                return buf.data
+            bridge.serialize_transport_parameters = with_request_streams
+            bridge.tls.handshake_extensions = [
+                (qh3_tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS, with_request_streams())]
         if self._reset_key is not None and not self._is_client:
             bridge.stateless_reset_token = stateless_reset_token(self._reset_key, self.host_cid)
             bridge.tls.handshake_extensions = [
