@@ -156,3 +156,57 @@ def test_client_registers_with_bearer_and_stops_cleanly(server, certs):
         runner.get()
     assert not client.connection.is_open
     server.wait_for(r"left group 'local.example'")
+
+
+@pytest.fixture
+def self_signed_ca_server(tmp_path, groups_file, procs):
+    """reverstd whose certificate is self-signed and marked as a CA (openssl req -x509)."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from .conftest import Server
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    paths = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    server = Server(paths, groups_file)
+    procs.append(server)
+    return server, paths["cert"]
+
+
+def test_auto_falls_back_to_aioquic_for_a_self_signed_ca_certificate_that_qh3_refuses(self_signed_ca_server,
+                                                                                       caplog):
+    pytest.importorskip("qh3")
+    server, cert = self_signed_ca_server
+    ready = gevent.event.Event()
+    client = Client(flask_app, server.tunnel_address, tunnel_group="app.test", server_name="localhost",
+                    ca_file=cert, auth=BasicAuth("user", "pass"), quic_backend="auto", on_ready=lambda c: ready.set())
+    assert client.backend.NAME == "qh3"
+    runner = gevent.spawn(client.dial_and_serve)
+    try:
+        with gevent.Timeout(10):
+            ready.wait()
+        assert client.backend.NAME == "aioquic"
+        assert sum("refused the certificate" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        client.stop(2)
+        runner.join(5)
+
+    explicit = Client(flask_app, server.tunnel_address, tunnel_group="app.test", server_name="localhost",
+                      ca_file=cert, auth=BasicAuth("user", "pass"), quic_backend="qh3", max_retries=0)
+    with gevent.Timeout(10), pytest.raises(ServerError, match="certificate"):
+        explicit.dial_and_serve()

@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE))
 
 
 def ensure_certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """A self-signed certificate for localhost / 127.0.0.1 (made once, never committed)."""
+    """A self-signed certificate for localhost / 127.0.0.1 (made once, never committed); not
+    marked as a CA: the qh3 QUIC backend refuses a CA certificate as a server's own."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -45,7 +46,7 @@ def ensure_certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.P
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.SubjectAlternativeName([
             x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -93,6 +94,7 @@ def main() -> None:
               f"  curl -H 'Host: flask.localhost' http://127.0.0.1:{port}/api/time\n"
               f"  curl -N -H 'Host: flask.localhost' http://127.0.0.1:{port}/stream\n"
               f"  curl -H 'Host: flask.localhost' --data-binary @{__file__} http://127.0.0.1:{port}/upload\n"
+              f"  echo hello | python {pathlib.Path(__file__).with_name('ws_client.py')} {port}   # a WebSocket\n"
               f"Ctrl-C stops it.\n", flush=True)
 
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import socket
 import time
@@ -20,7 +21,7 @@ import gevent.event
 from .. import protocol
 from .._transport import Connection, Endpoint, parse_address
 from ..auth import basic_authorization, bearer_authorization
-from ..quic import load_backend
+from ..quic import REQUEST_STREAMS, load_backend
 from ..errors import (BadRequest, ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
                       ServerError, Unauthorized)
 from ._handler import WSGIHandler
@@ -103,6 +104,9 @@ class Client:
         self.max_datagram_size = max_datagram_size
         #: the QUIC backend module (reverst.quic): ``quic_backend`` names it (auto, aioquic, qh3)
         self.backend = load_backend(quic_backend)
+        #: ``auto`` chose qh3: a certificate only qh3 refuses may send us to aioquic (see below)
+        self._may_fall_back = self.backend.NAME == "qh3" and (quic_backend or os.environ.get(
+            "REVERST_QUIC_BACKEND") or "auto").lower() == "auto"
         self._handler = WSGIHandler(app, threads=app_threads)
         self._stopping = gevent.event.Event()
         self._stopped = gevent.event.Event()  # set by stop() once connections are closed
@@ -256,6 +260,21 @@ class Client:
             logger.info("%s lost (%s); reconnecting in %.1fs", name, conn.close_reason, delay)
             self._stopping.wait(delay)
 
+    def _fall_back(self, closed: ConnectionClosed) -> bool:
+        """qh3 (webpki's rule) refuses a server certificate that is marked as a CA, which is
+        what ``openssl req -x509`` makes of a self-signed one; aioquic and Go accept it.
+        When ``auto`` chose qh3, such a refusal switches this client to aioquic (which
+        verifies the certificate just as well) and says so once."""
+        if not self._may_fall_back or "certificate" not in closed.reason.lower():
+            return False
+        self._may_fall_back = False
+        self.backend = load_backend("aioquic")
+        logger.warning("the QUIC backend qh3 refused the certificate of %s:%d (%s); it refuses a "
+                       "self-signed certificate marked as a CA (as openssl req -x509 makes them), which "
+                       "aioquic accepts: using aioquic for this server (a certificate with CA:FALSE, or "
+                       "one issued by a CA, lets qh3 serve it)", self.host, self.port, closed.reason)
+        return True
+
     def _lost(self, slot: int, conn: Connection) -> None:
         """A registered connection closed (called as it closes, in the hub)."""
         if self._slots[slot] is conn and not self._stopping.is_set():
@@ -283,13 +302,16 @@ class Client:
                                                          backend=self.backend)
         endpoint.start()
         conn = endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
-                                dead_peer_timeout=self.dead_peer_timeout)
+                                dead_peer_timeout=self.dead_peer_timeout, request_streams=REQUEST_STREAMS)
         try:
             with gevent.Timeout(self.handshake_timeout, ServerError("handshake timed out")):
                 gevent.wait([conn.handshake_done, conn.closed], count=1)
             if conn.close_reason is not None:
                 closed = conn.close_reason
                 if not closed.application:  # TLS or transport: say which name was checked
+                    if self._fall_back(closed):
+                        self._close_endpoint(slot)
+                        return self._dial_and_register(slot)
                     raise ServerError(f"handshake with {self.host}:{self.port} as {self.server_name!r} "
                                       f"failed: {closed}")
                 raise self._error(closed)
