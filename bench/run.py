@@ -1,38 +1,68 @@
-"""Benchmark reverst on loopback and print one table (and write it as JSON).
+"""Benchmark reverst against the Go reverst on loopback, print one table, write it as JSON.
 
-    python bench/run.py [--duration 10] [--json bench/results/latest.json] [--only small]
+    python bench/run.py [--duration 10] [--repeat 1] [--only small] [--backends qh3,aioquic]
 
-Starts a backend (nginx if installed, else a gevent WSGI backend), ``reverstd`` and a
-tunnel client (``reverst expose`` in front of the backend, and separately a WSGI app
-through ``reverst.client.serve``), drives load with ``wrk`` and measures, per case, the
-direct (no tunnel) figure, the tunnel figure, their ratio, p50/p99 latency, and CPU
-seconds and peak RSS of reverstd and of the client.  It also registers 1,000 idle
-tunnel connections to one reverstd.  Every process it starts, it stops.
+Starts a backend (nginx if installed, else a gevent WSGI backend) and, side by side, one
+tunnel *stack* per implementation:
 
-Needs ``wrk`` (``apt-get install wrk``; ``nginx-light`` optional).
+* ``go``: the Go ``reverstd`` and the Go ``reverst http`` in front of the backend (from
+  ``../shared/peers/go-reverst``, or ``--go-peers DIR``; skipped with a note when absent);
+* one per QUIC backend of ours (``--backends``, default: every one that imports): our
+  ``reverstd --quic-backend B`` with two clients on the same backend, ``reverst expose``
+  in front of the backend and a WSGI app through ``reverst.client.serve``.
+
+Each case is driven with ``wrk`` ``--repeat`` times; in each repetition the stacks run in
+a rotated order, and the table shows the median per (case, stack, client): the figure,
+its ratio to the Go stack's (only ratios from one session mean anything on a shared
+machine), p50/p99, CPU seconds and peak RSS of the server, the client and both together,
+and the direct (no tunnel) figure.  Every raw run is kept in the JSON.  It also
+registers ``--idle`` idle tunnel connections to each of our reverstd.  Every process it
+starts, it stops (also on Ctrl-C and errors).
+
+Needs ``wrk`` (``apt-get install wrk``; ``nginx-light`` optional; ``py-spy`` for --profile).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import http.client
+import importlib
 import json
 import os
 import pathlib
+import platform
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_GO_PEERS = ROOT.parent / "shared" / "peers" / "go-reverst"
+OUR_BACKENDS = ("qh3", "aioquic")  # reverst.quic.BACKENDS, fastest first
 SMALL = b"hello, world\n"
 TEN_MB = 10 * 1024 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
+USER, PASSWORD = "bench", "bench"
+START_TIMEOUT = 20.0  # seconds any process may take to become ready
+
+#: (name, path, connections, POST body?) -- the body is a 10 MB POST through wrk's script
+CASES = [
+    ("small GET c=1", "/small", 1, False),
+    ("small GET c=16", "/small", 16, False),
+    ("small GET c=64", "/small", 64, False),
+    ("10MB GET c=1", "/10mb", 1, False),
+    ("10MB GET c=4", "/10mb", 4, False),
+    ("10MB POST c=1", "/upload", 1, True),
+]
 
 
 def free_port(kind=socket.SOCK_STREAM) -> int:
@@ -41,22 +71,34 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+# -- processes --------------------------------------------------------------------------------------
 class Proc:
-    """A child process with its stderr kept (and searchable) and its resources sampled."""
+    """A child process with its log kept (and searchable) and its resources sampled.
 
-    def __init__(self, name, args, env=None, cwd=ROOT):
-        self.name = name
+    Our processes log to stderr; the Go binaries log to stdout (``merge_stdout``)."""
+
+    def __init__(self, name, args, env=None, cwd=ROOT, merge_stdout=False, python=True):
+        self.name, self.python = name, python
         self.lines: list[str] = []
         self.popen = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})},
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._pump, daemon=True).start()
+                                      stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE if merge_stdout else subprocess.DEVNULL,
+                                      stderr=subprocess.STDOUT if merge_stdout else subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
 
     def _pump(self):
-        for line in self.popen.stderr:
+        for line in self.popen.stdout or self.popen.stderr:
             self.lines.append(line.rstrip())
 
-    def wait_for(self, pattern, timeout=30.0, count=1):
+    def failure(self, what: str) -> RuntimeError:
+        """An error naming this process, ``what`` went wrong, and its last output."""
+        if self.popen.poll() is not None:
+            self._reader.join(2)
+            what += f" (it exited with status {self.popen.returncode})"
+        return RuntimeError(f"{self.name}: {what}; last output:\n  " + "\n  ".join(self.lines[-20:] or ["(none)"]))
+
+    def wait_for(self, pattern, timeout=START_TIMEOUT, count=1):
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -66,8 +108,20 @@ class Proc:
             if self.popen.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: {pattern!r} x{count} not seen; last output:\n"
-                           + "\n".join(self.lines[-20:]))
+        raise self.failure(f"{pattern!r} x{count} not seen within {timeout:.0f} s")
+
+    def wait_listening(self, port, timeout=START_TIMEOUT):
+        """Until something accepts TCP connections on ``port`` (and this process still runs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+            time.sleep(0.05)
+        raise self.failure(f"nothing listening on tcp {port}" + ("" if self.popen.poll() is not None
+                                                                 else f" within {timeout:.0f} s"))
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
 
     def cpu_seconds(self) -> float:
         try:
@@ -94,6 +148,32 @@ class Proc:
                 self.popen.wait(5)
 
 
+class Procs(list):
+    """Every process started, stopped in reverse order on exit (errors and Ctrl-C included)."""
+
+    def start(self, *args, **kwargs) -> Proc:
+        proc = Proc(*args, **kwargs)
+        self.append(proc)
+        return proc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self):
+            with contextlib.suppress(Exception):
+                p.stop()
+
+
+def interrupt_on_sigterm():
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so the ``finally`` blocks stop every child."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+# -- measuring --------------------------------------------------------------------------------------
 class Profiler:
     """py-spy (``pip install py-spy``) on some processes while a case runs: raw stacks in
     ``<dir>/<case>-<proc>.txt`` and the functions with the most samples printed."""
@@ -114,17 +194,20 @@ class Profiler:
                  "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for name, out, spy in self.spies:
             try:
+                if exc_type is not None:
+                    raise subprocess.TimeoutExpired(spy.args, 0)  # failing: do not wait for it
                 spy.wait(self.duration + 30)
             except subprocess.TimeoutExpired:
                 spy.kill()
-            if out.exists():
-                print(f"  profile {name}: {summarize(out)}", flush=True)
+                spy.wait(5)
+            if exc_type is None and out.exists():
+                print(f"  profile {name}: {profile_headline(out)}", flush=True)
 
 
-def summarize(path, top=8) -> str:
+def profile_headline(path, top=8) -> str:
     """The files and functions with the most self samples in a py-spy raw (collapsed) file."""
     own, files, total = {}, {}, 0
     for line in path.read_text().splitlines():
@@ -146,18 +229,21 @@ def summarize(path, top=8) -> str:
 
 
 class Sampler:
-    """Peak RSS of some processes while a case runs."""
+    """CPU seconds, peak RSS of each process and peak of their sum while a case runs."""
 
     def __init__(self, procs):
         self.procs = procs
         self.peak = {p.name: p.rss_mb() for p in procs}
+        self.peak_total = sum(self.peak.values())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(0.05):
-            for p in self.procs:
-                self.peak[p.name] = max(self.peak[p.name], p.rss_mb())
+            now = {p.name: p.rss_mb() for p in self.procs}
+            for name, rss in now.items():
+                self.peak[name] = max(self.peak[name], rss)
+            self.peak_total = max(self.peak_total, sum(now.values()))
 
     def __enter__(self):
         self.cpu0 = {p.name: p.cpu_seconds() for p in self.procs}
@@ -177,20 +263,50 @@ def wrk(url, connections, duration, host=None, script=None) -> dict:
         args += ["-H", f"Host: {host}"]
     if script:
         args += ["-s", script]
-    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=duration + 60).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    done = subprocess.run(args + [url], capture_output=True, text=True, timeout=duration + 60)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    if not rps:
+        raise RuntimeError(f"wrk {url} failed (status {done.returncode}): {(done.stderr or done.stdout).strip()}")
+    requests = re.search(r"(\d+) requests in", done.stdout)
+    result = {"rps": float(rps.group(1)), "requests": int(requests.group(1)) if requests else None}
     for pct in ("50", "99"):
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if m:
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", done.stdout, re.M)
+        if m and result["requests"] != 0:  # with none completed wrk prints 0.00us
             result[f"p{pct}"] = float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    result["errors"] = (int(errors.group(1)) if errors else 0)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+    socket_errors = re.search(r"Socket errors: (.*)", done.stdout)
+    result["errors"] = int(errors.group(1)) if errors else 0
     if socket_errors:
         result["socket_errors"] = socket_errors.group(1)
+        result["errors"] += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(1)))
     return result
 
 
+def wait_routed(public_port, host, procs, timeout=START_TIMEOUT):
+    """Until GET /small through ``public_port`` with ``Host: host`` answers the small body."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise p.failure(f"died before {host} answered through the tunnel")
+        conn = http.client.HTTPConnection("127.0.0.1", public_port, timeout=5)
+        try:
+            conn.request("GET", "/small", headers={"Host": host})
+            response = conn.getresponse()
+            body = response.read()
+            if response.status == 200 and body == SMALL:
+                return
+            last = f"{response.status} {body[:100]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise procs[-1].failure(f"GET /small with Host {host} through port {public_port} never answered "
+                            f"within {timeout:.0f} s (last: {last})")
+
+
+# -- the backend ------------------------------------------------------------------------------------
 BACKEND_APP = '''
 import sys
 from gevent import pywsgi, socket
@@ -230,16 +346,18 @@ http {{
 '''
 
 WSGI_APP = f'''
-import sys
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 from reverst.client import serve, BasicAuth
 exec({BACKEND_APP.split("class Handler")[0]!r})
-serve(app, sys.argv[1], tunnel_group="bench.wsgi", server_name="localhost", ca_file=sys.argv[2],
-      auth=BasicAuth("bench", "bench"), max_datagram_size=int(sys.argv[3]), app_threads=int(sys.argv[4]),
-      on_ready=lambda c: print("ready", file=sys.stderr, flush=True))
+serve(app, sys.argv[1], tunnel_group=sys.argv[2], server_name="localhost", ca_file=sys.argv[3],
+      auth=BasicAuth({USER!r}, {PASSWORD!r}), max_datagram_size=int(sys.argv[4]), app_threads=int(sys.argv[5]),
+      quic_backend=sys.argv[6], on_ready=lambda c: print("ready", file=sys.stderr, flush=True))
 '''
 
-IDLE_CLIENTS = '''
-import sys
+IDLE_CLIENTS = f'''
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 from reverst.client import Client, BasicAuth
 def app(environ, start_response):
     start_response("200 OK", [("Content-Length", "2")])
@@ -251,208 +369,509 @@ def ready(client):
     if count[0] == n:
         print("all registered", file=sys.stderr, flush=True)
 Client(app, sys.argv[1], tunnel_group="bench.idle", server_name="localhost", ca_file=sys.argv[2],
-       auth=BasicAuth("bench", "bench"), connections=n, app_threads=0, on_ready=ready,
-       handshake_timeout=60).dial_and_serve()
+       auth=BasicAuth({USER!r}, {PASSWORD!r}), connections=n, app_threads=0, on_ready=ready,
+       handshake_timeout=60, quic_backend=sys.argv[4]).dial_and_serve()
 '''
 
 
-def make_cert(tmp: pathlib.Path):
-    sys.path.insert(0, str(ROOT / "examples" / "flask_app"))
-    from run import ensure_certificate  # the example's self-signed certificate maker
-    return ensure_certificate(tmp / "certs")
+@dataclasses.dataclass
+class Backend:
+    name: str       # nginx or gevent
+    port: int       # what the tunnels forward to (and the direct GETs)
+    post_port: int  # a gevent backend that reads POST bodies (the direct POST figure)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
-    parser.add_argument("--idle", type=int, default=1000, help="idle tunnel connections (0: skip)")
-    parser.add_argument("--datagram-size", type=int, default=1452,
-                        help="--max-datagram-size for reverstd and the clients (loopback allows up to 16000)")
-    parser.add_argument("--app-threads", type=int, default=100,
-                        help="app_threads of the WSGI client (0: the app runs in greenlets)")
-    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
-                        help="record py-spy profiles of reverstd and the client per case into DIR")
-    args = parser.parse_args()
-    if args.profile and not shutil.which("py-spy"):
-        sys.exit("--profile needs py-spy: pip install py-spy")
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed: apt-get install wrk")
+def start_backend(tmp, procs) -> Backend:
+    port = free_port()
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx:
+        www = tmp / "www"
+        www.mkdir()
+        (www / "small").write_bytes(SMALL)
+        (www / "10mb").write_bytes(b"x" * TEN_MB)
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
+        procs.start("nginx", [nginx, "-c", str(tmp / "nginx.conf")], python=False).wait_listening(port)
+    else:
+        procs.start("backend", [sys.executable, "-c", BACKEND_APP, str(port)]).wait_listening(port)
+    # nginx answers POST /upload without reading the body the way a service does:
+    # the direct POST figure always comes from the gevent backend, which reads it.
+    post_port = free_port()
+    procs.start("post-backend", [sys.executable, "-c", BACKEND_APP, str(post_port)]).wait_listening(post_port)
+    return Backend("nginx" if nginx else "gevent", port, post_port)
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-bench-"))
-    tmp.chmod(0o755)  # nginx workers run as another user
-    cert, key = make_cert(tmp)
-    (tmp / "groups.yml").write_text(
-        "groups:\n"
-        "  bench.expose: {hosts: [bench.expose], authentication: {basic: {username: bench, password: bench}}}\n"
-        "  bench.wsgi: {hosts: [bench.wsgi], authentication: {basic: {username: bench, password: bench}}}\n"
-        "  bench.idle: {hosts: [bench.idle], authentication: {basic: {username: bench, password: bench}}}\n")
-    procs: list[Proc] = []
-    rows = []
-    try:
-        backend_port = free_port()
-        if shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"):
-            www = tmp / "www"
-            www.mkdir()
-            (www / "small").write_bytes(SMALL)
-            (www / "10mb").write_bytes(b"x" * TEN_MB)
-            (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=backend_port))
-            backend_name = "nginx"
-            backend = Proc("nginx", [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(tmp / "nginx.conf")])
-        else:
-            backend_name = "gevent"
-            backend = Proc("backend", [sys.executable, "-c", BACKEND_APP, str(backend_port)])
-        procs.append(backend)
-        wait_tcp(backend_port)
-        # nginx answers POST /upload without reading the body the way a service does:
-        # the direct POST figure always comes from the gevent backend, which reads it.
-        post_port = free_port()
-        procs.append(Proc("post-backend", [sys.executable, "-c", BACKEND_APP, str(post_port)]))
-        wait_tcp(post_port)
 
-        tunnel_port, http_port = free_port(socket.SOCK_DGRAM), free_port()
-        server = Proc("reverstd", [sys.executable, "-m", "reverst.cli", "reverstd", "-l", "warn",
-                                   "-n", "localhost", "-c", str(cert), "-k", str(key),
-                                   "-g", str(tmp / "groups.yml"), "-a", f"127.0.0.1:{tunnel_port}",
-                                   "-s", f"127.0.0.1:{http_port}",
-                                   "--max-datagram-size", str(args.datagram_size)])
-        procs.append(server)
-        wait_tcp(http_port)
-        tunnel = f"127.0.0.1:{tunnel_port}"
-        expose = Proc("expose", [sys.executable, "-m", "reverst.cli", "client", "expose", "-l", "warn",
-                                 "-a", tunnel, "-n", "localhost", "-g", "bench.expose", "-c", str(cert),
-                                 "--username", "bench", "--password", "bench",
-                                 "--max-datagram-size", str(args.datagram_size), str(backend_port)])
-        procs.append(expose)
-        expose.wait_for("reachable through")
-        wsgi = Proc("wsgi", [sys.executable, "-c", WSGI_APP, tunnel, str(cert), str(args.datagram_size),
-                             str(args.app_threads)])
-        procs.append(wsgi)
-        wsgi.wait_for("ready")
+# -- stacks: a reverstd and the tunnel clients registered to it --------------------------------------
+@dataclasses.dataclass
+class Setup:
+    """What every stack is built from."""
+    tmp: pathlib.Path
+    ca: pathlib.Path     # what our clients trust (the Go client runs --insecure)
+    cert: pathlib.Path
+    key: pathlib.Path
+    backend: Backend
+    datagram_size: int
+    app_threads: int
 
-        post_lua = tmp / "post.lua"
-        post_lua.write_text(f'wrk.method = "POST"\nwrk.body = string.rep("x", {TEN_MB})\n')
-        direct = f"http://127.0.0.1:{backend_port}"
-        public = f"http://127.0.0.1:{http_port}"
-        cases = [
-            ("small GET c=1", "/small", 1, None),
-            ("small GET c=16", "/small", 16, None),
-            ("small GET c=64", "/small", 64, None),
-            ("10MB GET c=1", "/10mb", 1, None),
-            ("10MB GET c=4", "/10mb", 4, None),
-            ("10MB POST c=1", "/upload", 1, str(post_lua)),
-        ]
-        for name, path, conns, script in cases:
-            if args.only and args.only not in name:
-                continue
-            mb = TEN_MB / 1e6 if "10MB" in name else None
-            base_url = f"http://127.0.0.1:{post_port}" if script else direct
-            base = wrk(base_url + path, conns, args.duration, script=script)
-            if base["errors"]:
-                raise RuntimeError(f"{name}: the backend itself answered {base['errors']} errors")
-            for client, host in ((expose, "bench.expose"), (wsgi, "bench.wsgi")):
-                with Sampler([server, client]) as s, \
-                        Profiler(args.profile, f"{name} {client.name}", [server, client], args.duration):
-                    res = wrk(public + path, conns, args.duration, host=host, script=script)
-                row = {
-                    "case": name, "client": client.name,
-                    "direct": base["rps"] * mb if mb else base["rps"],
-                    "tunnel": res["rps"] * mb if mb else res["rps"],
-                    "unit": "MB/s" if mb else "req/s",
-                    "p50_ms": res.get("p50"), "p99_ms": res.get("p99"), "errors": res["errors"],
-                    "server_cpu_s": s.cpu["reverstd"], "client_cpu_s": s.cpu[client.name],
-                    "server_rss_mb": s.peak["reverstd"], "client_rss_mb": s.peak[client.name],
-                }
-                row["ratio"] = row["tunnel"] / row["direct"] if row["direct"] else None
-                rows.append(row)
-                print_row(row, header=len(rows) == 1)
 
-        if args.idle and (not args.only or "idle" in args.only):
-            rows.append(idle_case(server, tunnel, cert, args.idle, public, procs))
-            print_row(rows[-1], header=len(rows) == 1)
-    finally:
-        for p in reversed(procs):
+@dataclasses.dataclass
+class ClientSpec:
+    name: str               # expose, wsgi, http (the Go CLI)
+    group: str              # its tunnel group, and the Host it is reached by
+    args: Callable[[str], list]  # tunnel address -> command line
+    ready: str              # a log line (regex) meaning it registered
+    merge_stdout: bool = False
+
+
+@dataclasses.dataclass
+class StackSpec:
+    name: str               # go, qh3, aioquic
+    server_args: Callable[[int, int], list]  # (tunnel port, http port) -> command line
+    clients: list[ClientSpec]
+    python: bool
+
+
+@dataclasses.dataclass
+class Target:
+    """One (stack, client) pair a case is driven through."""
+    stack: "Stack"
+    client: str
+    proc: Proc
+    host: str
+
+
+@dataclasses.dataclass
+class Stack:
+    name: str
+    server: Proc
+    tunnel: str             # 127.0.0.1:port (udp)
+    http_port: int
+    targets: list = dataclasses.field(default_factory=list)
+    dead: str | None = None  # why its remaining runs are skipped
+
+    def check_alive(self) -> bool:
+        for p in [self.server] + [t.proc for t in self.targets]:
+            if not self.dead and not p.alive():
+                self.dead = str(p.failure("exited during the benchmark"))
+                print(f"stack {self.name} is down, its remaining runs are skipped: {self.dead}", flush=True)
+        return not self.dead
+
+    def stop(self):
+        for p in [t.proc for t in reversed(self.targets)] + [self.server]:
             p.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    print()
-    print_table(rows, backend_name)
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "backend": backend_name,
-                               "duration_s": args.duration, "datagram_size": args.datagram_size,
-                               "rows": rows}, indent=2))
-    print(f"\nwritten to {out}")
 
 
-def idle_case(server, tunnel, cert, n, public, procs) -> dict:
+def write_groups(path: pathlib.Path, names) -> pathlib.Path:
+    """A groups file (the schema both implementations read): each group reached by its own name."""
+    path.write_text("groups:\n" + "".join(
+        f"  {n}: {{hosts: [{n}], authentication: {{basic: {{username: {USER}, password: {PASSWORD}}}}}}}\n"
+        for n in names))
+    return path
+
+
+def go_stack_spec(go_dir: pathlib.Path, setup: Setup) -> StackSpec:
+    groups = write_groups(setup.tmp / "go-groups.yml", ["bench.go"])
+
+    def server(tunnel_port, http_port):
+        return [str(go_dir / "reverstd"), "-l", "warn", "-n", "localhost", "-c", str(setup.cert),
+                "-k", str(setup.key), "-g", str(groups), "-a", f"127.0.0.1:{tunnel_port}",
+                "-s", f"127.0.0.1:{http_port}"]
+
+    def client(tunnel):  # flags before the address
+        return [str(go_dir / "reverst"), "http", "-l", "info", "-a", tunnel, "-n", "localhost", "-g", "bench.go",
+                "--insecure", "--username", USER, "--password", PASSWORD,
+                f"http://127.0.0.1:{setup.backend.port}"]
+    return StackSpec("go", server, [ClientSpec("http", "bench.go", client, r"Starting reverse server",
+                                               merge_stdout=True)], python=False)
+
+
+def our_stack_spec(quic: str, setup: Setup) -> StackSpec:
+    groups = write_groups(setup.tmp / "groups.yml", ["bench.expose", "bench.wsgi", "bench.idle"])
+    common = ["--max-datagram-size", str(setup.datagram_size), "--quic-backend", quic]
+
+    def server(tunnel_port, http_port):
+        return [sys.executable, "-m", "reverst.cli", "reverstd", "-l", "warn", "-n", "localhost",
+                "-c", str(setup.cert), "-k", str(setup.key), "-g", str(groups),
+                "-a", f"127.0.0.1:{tunnel_port}", "-s", f"127.0.0.1:{http_port}", *common]
+
+    def expose(tunnel):
+        return [sys.executable, "-m", "reverst.cli", "client", "expose", "-l", "info", "-a", tunnel,
+                "-n", "localhost", "-g", "bench.expose", "-c", str(setup.ca),
+                "--username", USER, "--password", PASSWORD, *common, str(setup.backend.port)]
+
+    def wsgi(tunnel):
+        return [sys.executable, "-c", WSGI_APP, tunnel, "bench.wsgi", str(setup.ca), str(setup.datagram_size),
+                str(setup.app_threads), quic]
+    return StackSpec(quic, server, [ClientSpec("expose", "bench.expose", expose, r"reachable through"),
+                                    ClientSpec("wsgi", "bench.wsgi", wsgi, r"^ready$")], python=True)
+
+
+def launch_stack(spec: StackSpec, procs: Procs) -> Stack:
+    """Start the server, then each client, each ready (logged, and a request routed through it)."""
+    tunnel_port, http_port = free_port(socket.SOCK_DGRAM), free_port()
+    server = procs.start(f"{spec.name}-reverstd", spec.server_args(tunnel_port, http_port),
+                         merge_stdout=not spec.python, python=spec.python)
+    stack = Stack(spec.name, server, f"127.0.0.1:{tunnel_port}", http_port)
+    try:
+        server.wait_listening(http_port)
+        for c in spec.clients:
+            proc = procs.start(f"{spec.name}-{c.name}", c.args(stack.tunnel), merge_stdout=c.merge_stdout,
+                               python=spec.python)
+            stack.targets.append(Target(stack, c.name, proc, c.group))
+            proc.wait_for(c.ready)
+            wait_routed(http_port, c.group, [server, proc])
+    except RuntimeError:
+        stack.stop()  # a half-started stack does not run beside the others
+        raise
+    return stack
+
+
+def launch_stacks(specs, procs, skipped) -> list[Stack]:
+    """Every stack that starts; the others are reported in ``skipped`` (name -> why)."""
+    stacks = []
+    for spec in specs:
+        try:
+            stacks.append(launch_stack(spec, procs))
+            print(f"stack {spec.name}: ready", flush=True)
+        except RuntimeError as exc:
+            skipped[spec.name] = f"failed to start: {exc}"
+            print(f"stack {spec.name} failed to start, skipped: {exc}", flush=True)
+    return stacks
+
+
+def go_peer_problem(go_dir: pathlib.Path) -> str | None:
+    """Why the Go binaries in ``go_dir`` cannot be used (None when they can)."""
+    for binary in ("reverstd", "reverst"):
+        path = go_dir / binary
+        if not path.is_file():
+            return f"{path} is absent"
+        if not os.access(path, os.X_OK):
+            return f"{path} is not executable"
+    return None
+
+
+def our_backends(requested: str | None) -> list[str]:
+    """The QUIC backends to benchmark: those requested (each must import), default all that import."""
+    names = OUR_BACKENDS if requested is None else [n.strip() for n in requested.split(",") if n.strip()]
+    if requested is not None and names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in OUR_BACKENDS]
+    if unknown:
+        sys.exit(f"--backends: unknown {', '.join(unknown)} (expected {', '.join(OUR_BACKENDS)} or none)")
+    versions = quic_versions()
+    missing = [n for n in names if versions[n] is None]
+    if requested is not None and missing:
+        sys.exit(f"--backends: {', '.join(missing)} does not import here")
+    return [n for n in names if versions[n] is not None]
+
+
+def quic_versions() -> dict:
+    versions = {}
+    for name in OUR_BACKENDS:
+        try:
+            versions[name] = getattr(importlib.import_module(name), "__version__", "unknown")
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+# -- running the cases ------------------------------------------------------------------------------
+def rotated(items, n):
+    n %= max(len(items), 1)
+    return items[n:] + items[:n]
+
+
+def case_url(case, backend: Backend, port=None) -> tuple[str, int | None]:
+    """(URL, MB per request or None): through ``port``, or direct to the backend when None."""
+    name, path, _, post = case
+    if port is None:
+        port = backend.post_port if post else backend.port
+    return f"http://127.0.0.1:{port}{path}", (TEN_MB / 1e6 if "10MB" in name else None)
+
+
+def run_direct(case, rep, backend, post_lua, duration) -> dict:
+    name, _, conns, post = case
+    url, mb = case_url(case, backend)
+    res = wrk(url, conns, duration, script=post_lua if post else None)
+    if res["errors"]:
+        raise RuntimeError(f"{name}: the backend itself answered {res['errors']} errors")
+    return {"case": name, "stack": "direct", "client": "-", "rep": rep, "value": res["rps"] * (mb or 1),
+            "unit": "MB/s" if mb else "req/s", "p50_ms": res.get("p50"), "p99_ms": res.get("p99"),
+            "errors": 0}
+
+
+def run_target(case, rep, target: Target, backend, post_lua, args) -> dict:
+    name, _, conns, post = case
+    url, mb = case_url(case, backend, target.stack.http_port)
+    server, client = target.stack.server, target.proc
+    row = {"case": name, "stack": target.stack.name, "client": target.client, "rep": rep,
+           "unit": "MB/s" if mb else "req/s"}
+    python_procs = [p for p in (server, client) if p.python]  # what py-spy can profile
+    profile_dir = args.profile if python_procs else None
+    try:
+        with Sampler([server, client]) as s, \
+                Profiler(profile_dir, f"{name} {target.client} r{rep + 1}", python_procs, args.duration):
+            res = wrk(url, conns, args.duration, host=target.host, script=post_lua if post else None)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        return {**row, "failed": str(exc)}
+    return {**row, "value": res["rps"] * (mb or 1), "requests": res["requests"], "p50_ms": res.get("p50"),
+            "p99_ms": res.get("p99"), "errors": res["errors"], "socket_errors": res.get("socket_errors"),
+            "server_cpu_s": s.cpu[server.name], "client_cpu_s": s.cpu[client.name],
+            "server_rss_mb": s.peak[server.name], "client_rss_mb": s.peak[client.name],
+            "both_rss_mb": s.peak_total}
+
+
+def run_cases(cases, stacks, backend, post_lua, args) -> list[dict]:
+    """Every case ``--repeat`` times: the direct figure, then each stack (rotated per repetition)."""
+    runs = []
+    for case in cases:
+        for rep in range(args.repeat):
+            runs.append(run_direct(case, rep, backend, post_lua, args.duration))
+            print_run(runs[-1])
+            for stack in rotated(stacks, rep):
+                for target in stack.targets:
+                    if stack.check_alive():
+                        runs.append(run_target(case, rep, target, backend, post_lua, args))
+                        print_run(runs[-1])
+                        stack.check_alive()
+    return runs
+
+
+def idle_case(stack: Stack, ca, n, procs) -> dict:
+    """``n`` idle tunnel connections to one of our reverstd: registration time, its RSS, one request each."""
     import requests
-    rss0 = server.rss_mb()
+    rss0 = stack.server.rss_mb()
     start = time.monotonic()
-    clients = Proc("idle-clients", [sys.executable, "-c", IDLE_CLIENTS, tunnel, str(cert), str(n)])
-    procs.append(clients)
-    clients.wait_for("all registered", timeout=300)
-    registered_s = time.monotonic() - start
-    time.sleep(7)  # steady state: reverstd trims its heap a few seconds after a burst
-    rss = server.rss_mb()
-    ok = 0
-    with requests.Session() as session:
-        for _ in range(n):  # round-robin: one request lands on each connection
-            r = session.get(public + "/", headers={"Host": "bench.idle"}, timeout=10)
-            ok += r.status_code == 200 and r.content == b"ok"
-    clients.stop()
-    return {"case": f"{n} idle tunnels", "client": "serve", "direct": None, "tunnel": ok, "unit": "served",
-            "ratio": ok / n, "registration_s": registered_s, "server_rss_mb": rss,
-            "server_rss_growth_mb": rss - rss0, "client_rss_mb": None, "p50_ms": None, "p99_ms": None,
-            "server_cpu_s": None, "client_cpu_s": None, "errors": n - ok}
+    clients = procs.start(f"{stack.name}-idle-clients",
+                          [sys.executable, "-c", IDLE_CLIENTS, stack.tunnel, str(ca), str(n), stack.name])
+    row = {"case": f"{n} idle tunnels", "stack": stack.name, "client": "serve", "unit": "served"}
+    try:
+        clients.wait_for("all registered", timeout=max(60, n * 0.3))
+        registered_s = time.monotonic() - start
+        time.sleep(7)  # steady state: reverstd trims its heap a few seconds after a burst
+        rss, client_rss = stack.server.rss_mb(), clients.rss_mb()
+        ok = 0
+        with requests.Session() as session:
+            for _ in range(n):  # round-robin: one request lands on each connection
+                with contextlib.suppress(requests.RequestException):
+                    r = session.get(f"http://127.0.0.1:{stack.http_port}/", headers={"Host": "bench.idle"},
+                                    timeout=10)
+                    ok += r.status_code == 200 and r.content == b"ok"
+    except RuntimeError as exc:
+        return {**row, "failed": str(exc)}
+    finally:
+        clients.stop()
+    return {**row, "value": ok, "registration_s": registered_s, "server_rss_mb": rss,
+            "server_rss_growth_mb": rss - rss0, "client_rss_mb": client_rss, "both_rss_mb": rss + client_rss,
+            "errors": n - ok}
 
 
-def wait_tcp(port, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
+# -- the report ---------------------------------------------------------------------------------------
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
-def fmt(v, spec=".0f"):
-    return "-" if v is None else format(v, spec)
+MEDIAN_KEYS = ("value", "p50_ms", "p99_ms", "server_cpu_s", "client_cpu_s", "server_rss_mb", "client_rss_mb",
+               "both_rss_mb", "registration_s", "server_rss_growth_mb")
 
 
-COLUMNS = ("case", "client", "direct", "tunnel", "ratio", "p50 ms", "p99 ms", "srv cpu s", "srv MB",
-           "cli cpu s", "cli MB", "errors")
+def median_rows(runs) -> list[dict]:
+    """One row per (case, stack, client): each figure's median over its runs, errors summed,
+    and ``ratio`` = value / the Go stack's value in the same case."""
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        groups.setdefault((r["case"], r["stack"], r["client"]), []).append(r)
+    rows = []
+    for (case, stack, client), rs in groups.items():
+        ok = [r for r in rs if "failed" not in r]
+        row = {"case": case, "stack": stack, "client": client, "unit": rs[0]["unit"], "runs": len(ok),
+               "failed_runs": len(rs) - len(ok), "errors": sum(r.get("errors") or 0 for r in ok)}
+        if any(r.get("requests") is not None for r in ok):
+            row["requests"] = sum(r.get("requests") or 0 for r in ok)
+        row.update({k: median(r.get(k) for r in ok) for k in MEDIAN_KEYS if any(k in r for r in ok)})
+        rows.append(row)
+    go = {r["case"]: r["value"] for r in rows if r["stack"] == "go" and r["value"]}
+    for row in rows:
+        row["ratio"] = row["value"] / go[row["case"]] if row["case"] in go and row["value"] is not None \
+            and row["stack"] != "direct" else None
+    return rows
 
 
-def print_row(row, header=False):
-    if header:
-        print(" | ".join(COLUMNS))
-    print(" | ".join(cells(row)), flush=True)
+FEW_REQUESTS = 10  # a figure from fewer completed requests (over all its runs) is flagged
+
+COLUMNS = ("case", "stack", "client", "value", "ours/Go", "p50 ms", "p99 ms", "srv cpu s", "cli cpu s",
+           "srv MB", "cli MB", "both MB", "errors")
 
 
-def cells(row):
-    if row["unit"] == "served":
-        return [row["case"], row["client"], "-", f"{row['tunnel']}/{row['tunnel'] + row['errors']} served",
-                "-", "-", "-", f"reg {row['registration_s']:.1f}s", fmt(row["server_rss_mb"]), "-", "-",
-                str(row["errors"])]
-    unit = " MB/s" if row["unit"] == "MB/s" else ""
-    return [row["case"], row["client"], fmt(row["direct"]) + unit, fmt(row["tunnel"]) + unit,
-            fmt(row["ratio"], ".2f"), fmt(row["p50_ms"], ".2f"), fmt(row["p99_ms"], ".2f"),
-            fmt(row["server_cpu_s"], ".1f"), fmt(row["server_rss_mb"]), fmt(row["client_cpu_s"], ".1f"),
-            fmt(row["client_rss_mb"]), str(row["errors"])]
+def cells(row) -> list[str]:
+    def fmt(key, spec=".0f"):
+        return "-" if row.get(key) is None else format(row[key], spec)
+    if row.get("failed") or (row.get("runs") == 0):
+        value = "FAILED"
+    elif row["unit"] == "served":
+        value = f"{fmt('value')}/{row['value'] + row['errors']} served, reg {fmt('registration_s', '.1f')} s"
+    else:
+        value = fmt("value") + (" MB/s" if row["unit"] == "MB/s" else " req/s")
+        if row.get("requests") is not None and row["requests"] < FEW_REQUESTS:
+            value += f" ({row['requests']} req!)"  # too few completed for a figure to mean much
+    client = "reverst http" if row["stack"] == "go" else row["client"]
+    return [row["case"], row["stack"], client, value, fmt("ratio", ".2f"), fmt("p50_ms", ".2f"),
+            fmt("p99_ms", ".2f"), fmt("server_cpu_s", ".1f"), fmt("client_cpu_s", ".1f"), fmt("server_rss_mb"),
+            fmt("client_rss_mb"), fmt("both_rss_mb"), fmt("errors", "d")]
 
 
-def print_table(rows, backend):
+def print_run(run):
+    rep = f" #{run['rep'] + 1}" if "rep" in run else ""
+    print(f"{run['case']}{rep} | " + " | ".join(cells(run)[1:]) + (f" | {run['failed']}" if "failed" in run else ""),
+          flush=True)
+
+
+def print_table(rows, info):
+    order = {"direct": 0, "go": 1, **{b: 2 + i for i, b in enumerate(OUR_BACKENDS)}}
+    case_order = {r["case"]: i for i, r in reversed(list(enumerate(rows)))}
+    rows = sorted(rows, key=lambda r: (case_order[r["case"]], order.get(r["stack"], 9), r["client"]))
     table = [list(COLUMNS)] + [cells(r) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    print(f"backend: {backend}; direct = backend without tunnel; tunnel = through reverstd and the client; "
-          f"rss in MB (peak during the case), cpu in seconds")
+    print(f"backend: {info['backend']}; {info['nproc']} cpus; {info['duration_s']} s per run, median of "
+          f"{info['repeat']} run(s) alternated; direct = backend without a tunnel; ours/Go = value / the go "
+          f"row's; cpu in seconds, RSS in MB (peak during the run; both = peak of server + client)")
+    print(f"versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}; Go peer: "
+          f"{info['go_peer']['path'] if info['go_peer']['present'] else 'absent'}")
     for i, r in enumerate(table):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for name, why in info["skipped"].items():
+        print(f"skipped stack {name}: {why.splitlines()[0]}")
+
+
+def machine_info() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "loadavg_at_start": os.getloadavg(),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def make_certs(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(CA certificate, server certificate, server key) for localhost / 127.0.0.1, made per run.
+
+    A separate CA and leaf: qh3's verifier (webpki) rejects a self-signed CA certificate
+    presented as the server's own."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(subject, issuer, public_key, signing_key, ca: bool):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "reverst bench CA")])
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    pem = serialization.Encoding.PEM
+    paths[0].write_bytes(certificate(ca_name, ca_name, ca_key.public_key(), ca_key, True).public_bytes(pem))
+    paths[1].write_bytes(certificate(leaf_name, ca_name, key.public_key(), ca_key, False).public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per case and stack, stacks in rotated order; the table shows medians")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--idle", type=int, default=1000, help="idle tunnel connections (0: skip)")
+    parser.add_argument("--backends", default=None,
+                        help=f"our QUIC backends, comma-separated ({','.join(OUR_BACKENDS)} or none; "
+                             f"default: every one that imports)")
+    parser.add_argument("--go-peers", type=pathlib.Path, default=DEFAULT_GO_PEERS, metavar="DIR",
+                        help="directory of the Go reverstd and reverst binaries (default: %(default)s)")
+    parser.add_argument("--datagram-size", type=int, default=1452,
+                        help="--max-datagram-size of our reverstd and clients (loopback allows up to 16000)")
+    parser.add_argument("--app-threads", type=int, default=100,
+                        help="app_threads of the WSGI client (0: the app runs in greenlets)")
+    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                        help="record py-spy profiles of our reverstd and clients per case into DIR")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.profile and not shutil.which("py-spy"):
+        sys.exit("--profile needs py-spy: pip install py-spy")
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    return args
+
+
+def main():
+    args = parse_args()
+    backends = our_backends(args.backends)
+    go_problem = go_peer_problem(args.go_peers)
+    if go_problem:
+        print(f"Go column skipped: {go_problem} (--go-peers DIR to point elsewhere)", flush=True)
+    info = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(), "duration_s": args.duration,
+            "repeat": args.repeat, "datagram_size": args.datagram_size, "app_threads": args.app_threads,
+            "versions": {k: v for k, v in quic_versions().items() if v}, "our_backends": backends,
+            "go_peer": {"path": str(args.go_peers), "present": go_problem is None, "problem": go_problem},
+            "skipped": {"go": f"Go peer: {go_problem}"} if go_problem else {}}
+    info["nproc"] = info["machine"]["nproc"]
+    cases = [c for c in CASES if not args.only or args.only in c[0]]
+    interrupt_on_sigterm()
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-bench-"))
+    tmp.chmod(0o755)  # nginx workers run as another user
+    runs = []
+    try:
+        with Procs() as procs:
+            ca, cert, key = make_certs(tmp / "certs")
+            backend = start_backend(tmp, procs)
+            info["backend"] = backend.name
+            setup = Setup(tmp, ca, cert, key, backend, args.datagram_size, args.app_threads)
+            specs = ([] if go_problem else [go_stack_spec(args.go_peers, setup)]) + \
+                [our_stack_spec(b, setup) for b in backends]
+            stacks = launch_stacks(specs, procs, info["skipped"])
+            if not stacks:
+                sys.exit("no stack started; nothing to measure")
+            post_lua = tmp / "post.lua"
+            post_lua.write_text(f'wrk.method = "POST"\nwrk.body = string.rep("x", {TEN_MB})\n')
+            runs += run_cases(cases, stacks, backend, str(post_lua), args)
+            if args.idle and (not args.only or "idle" in args.only):
+                for stack in stacks:
+                    if stack.name != "go" and stack.check_alive():
+                        runs.append(idle_case(stack, ca, args.idle, procs))
+                        print_run(runs[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = median_rows(runs)
+    info["direct"] = {r["case"]: {"value": r["value"], "unit": r["unit"]} for r in rows if r["stack"] == "direct"}
+    print()
+    print_table(rows, info)
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**info, "rows": rows, "runs": runs}, indent=2))
+    print(f"\nwritten to {out}")
+    ours_failed = [name for name in info["skipped"] if name != "go" or not go_problem]
+    if ours_failed or any("failed" in r for r in runs):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted (every process it started is stopped)")
