@@ -82,7 +82,7 @@ class Endpoint:
     """One UDP socket; many connections (server) or one (client)."""
 
     def __init__(self, sock: gevent.socket.socket, *, backend=None, server_config=None,
-                 empty_cid_fallback: tuple | None = None,
+                 empty_cid_fallback: Callable[[], tuple] | None = None,
                  on_connection: Callable[["Connection"], None] | None = None,
                  connection_options: dict | None = None) -> None:
         self.sock = sock
@@ -90,9 +90,11 @@ class Endpoint:
         #: the QUIC backend module (reverst.quic); its configurations must be used with it
         self.backend = backend if backend is not None else load_backend()
         self._server_config = server_config
-        #: (backend, server configuration) for clients whose source connection id is empty,
-        #: when ``backend`` cannot serve them (see SERVES_EMPTY_CLIENT_CIDS in reverst.quic)
+        #: a function returning (backend, server configuration) for clients whose source
+        #: connection id is empty, when ``backend`` cannot serve them (SERVES_EMPTY_CLIENT_CIDS
+        #: in reverst.quic); called at the first such client (it imports another library)
         self._empty_cid_fallback = empty_cid_fallback
+        self._fallback: tuple | None = None
         self._on_connection = on_connection
         self._connection_options = connection_options or {}
         self._by_cid: dict[bytes, Connection] = {}
@@ -180,7 +182,9 @@ class Endpoint:
     def _accept(self, header, data: bytes, addr: tuple) -> "Connection | None":
         backend, cfg = self.backend, self._server_config
         if not header.source_cid and self._empty_cid_fallback is not None:
-            backend, cfg = self._empty_cid_fallback
+            if self._fallback is None:
+                self._fallback = self._empty_cid_fallback()
+            backend, cfg = self._fallback
         if len(data) < 1200:
             self.dropped_datagrams += 1
             return None

@@ -164,8 +164,9 @@ class TunnelQuicConnection(Liveness, QuicConnection):
             pass
 
     def datagrams_to_send(self, now: float):
-        if self._hold_ack(now):
-            return []
+        hold = self._held_ack_until()
+        if hold is not None and now < hold:
+            return []  # nothing but an ACK (and control frames) would leave: wait for an answer
         try:
             datagrams = super().datagrams_to_send(now)
         except QuicConnectionError as exc:
@@ -176,38 +177,39 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         if datagrams:
             self._received_since_sent = 0
             self._credit_granted = False
+            self._ack_hold_until = None
         return datagrams
 
-    def _ack_alone_due(self, now: float) -> bool:
-        """What would leave now is an ACK (perhaps with a control frame), no stream data."""
+    def _may_hold_ack(self) -> bool:
+        """An ACK may wait for the next answer: at most one datagram awaits it, no credit
+        was just granted, and no stream data is queued (it would carry the ACK at once)."""
         core = self._core
-        if core is None or not self._handshake_complete or self._close_event is not None:
-            return False
-        timer = core.get_timer()
-        return (timer is not None and timer[0] == "ack_application" and timer[1] <= now
+        return (core is not None and self._handshake_complete and self._close_event is None
+                and self._received_since_sent <= 1 and not self._credit_granted
                 and core.get_send_buffer_size(None) == 0)
 
-    def _hold_ack(self, now: float) -> bool:
-        hold = self._ack_hold_until
-        if hold is not None:
-            if now < hold and self._ack_alone_due(now):
-                return True
-            self._ack_hold_until = None
-            return False
-        if self._received_since_sent <= 1 and not self._credit_granted and self._ack_alone_due(now):
-            self._ack_hold_until = now + ACK_HOLD
-            return True
-        return False
+    def _held_ack_until(self) -> float | None:
+        """Until when an ACK that would leave alone is held (None: nothing is held). A hold
+        starts when the next native deadline is an ACK and :meth:`_may_hold_ack`."""
+        if not self._may_hold_ack():
+            return None
+        if self._ack_hold_until is None:
+            native = self._core.get_timer()
+            if native is None or native[0] != "ack_application":
+                return None
+            self._ack_hold_until = native[1] + ACK_HOLD
+        return self._ack_hold_until
 
     def get_timer(self) -> float | None:
         at = super().get_timer()
-        hold = self._ack_hold_until
-        if hold is not None and at is not None and at < hold:
-            native = self._core.get_timer()
-            if native is not None and native[0] == "ack_application":  # the held ACK's own deadline
-                probe = self._next_probe_at()
-                at = hold if probe is None else min(hold, probe)
-        return at
+        hold = self._held_ack_until()
+        if hold is None:
+            return at
+        native = self._core.get_timer()
+        if native is not None and native[0] == "ack_application":  # it gives way to the hold
+            probe = self._next_probe_at()
+            return hold if probe is None else min(hold, probe)
+        return hold if at is None or hold < at else at
 
     def handle_timer(self, now: float) -> None:
         try:
@@ -218,24 +220,34 @@ class TunnelQuicConnection(Liveness, QuicConnection):
     # -- receiving ---------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, addr, now: float) -> None:
         self._heard_from_peer(now)
-        self._received_since_sent += 1
         was_open = self._close_event is None
-        super().receive_datagram(data, addr, now)
-        self._relabel_stateless_reset(was_open)
+        if self._handshake_complete:  # one native call (the wrapper splits packets in Python)
+            self.receive_many_datagrams([data], addr, now)
+        else:
+            super().receive_datagram(data, addr, now)
+        self._received(1, was_open)
 
     def receive_datagrams(self, datagrams: list[bytes], addr, now: float) -> None:
         self._heard_from_peer(now)
-        self._received_since_sent += len(datagrams)
         was_open = self._close_event is None
         self.receive_many_datagrams(datagrams, addr, now)
-        self._relabel_stateless_reset(was_open)
+        self._received(len(datagrams), was_open)
 
     def receive_gro_buffer(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
         self._heard_from_peer(now)
-        self._received_since_sent += -(-len(buffer) // segment_size)
         was_open = self._close_event is None
         super().receive_gro_buffer(buffer, segment_size, addr, now)
+        self._received(-(-len(buffer) // segment_size), was_open)
+
+    def _received(self, count: int, was_open: bool) -> None:
         self._relabel_stateless_reset(was_open)
+        # Datagrams that wait for our ACK (see _hold_ack); an ACK-only one leaves nothing to
+        # acknowledge, and must not count towards sending the next ACK at once.
+        timer = self._core.get_timer() if self._core is not None else None
+        if timer is not None and timer[0] == "ack_application":
+            self._received_since_sent += count
+        else:
+            self._received_since_sent = 0
 
     def _relabel_stateless_reset(self, was_open: bool) -> None:
         # The core ends a connection at once on a stateless reset and reports
@@ -254,6 +266,9 @@ class TunnelQuicConnection(Liveness, QuicConnection):
                 and self._core.state == "connected")
 
     def _drain_core(self) -> None:
+        if self._held_total < self.budget:  # the gate cannot shut during this drain (the owner
+            super()._drain_core()          # reports what it holds after it): no proxy needed
+            return
         core = self._core
         self._core = _GatedCore(core, self)
         try:
