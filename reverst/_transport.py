@@ -158,6 +158,10 @@ class Endpoint:
     def _route(self, data: bytes, addr: tuple) -> "Connection | None":
         if self._server_config is None:  # client: one connection per socket
             return next(iter(self.connections), None)
+        if data and not data[0] & 0x80:  # short header, the usual case: the id is all we need
+            conn = self._by_cid.get(data[1:1 + CID_LENGTH])
+            if conn is not None:
+                return conn
         header = parse_header_untrusted(data, CID_LENGTH)
         if header is None:
             self.dropped_datagrams += 1
@@ -212,11 +216,7 @@ class Endpoint:
             batch = []
             while len(batch) < RECV_BATCH:
                 try:
-                    received = recvfrom(MAX_DATAGRAM)
-                    if received.__class__ is list:  # several datagrams that GRO coalesced
-                        batch.extend(received)
-                    else:
-                        batch.append(received)
+                    batch.append(recvfrom(MAX_DATAGRAM))
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -233,6 +233,9 @@ class Endpoint:
             # in arrival order; a change of peer address starts a new call.
             touched: dict[Connection, list] = {}
             for data, addr in batch:
+                segments = None
+                if data.__class__ is list:  # datagrams GRO coalesced: one peer, routed once
+                    segments, data = data, data[0]
                 try:
                     conn = self._route(data, addr)
                 except Exception:  # a datagram must never take the endpoint down
@@ -243,12 +246,14 @@ class Endpoint:
                     continue
                 pending = touched.get(conn)
                 if pending is None:
-                    touched[conn] = [addr, data]
-                elif pending[0] == addr:
+                    pending = touched[conn] = [addr]
+                elif pending[0] != addr:
+                    self._feed(conn, pending, t)
+                    pending[:] = [addr]
+                if segments is None:
                     pending.append(data)
                 else:
-                    self._feed(conn, pending, t)
-                    pending[:] = [addr, data]
+                    pending.extend(segments)
             for conn, pending in touched.items():
                 self._feed(conn, pending, t)
                 conn.process()
@@ -265,13 +270,14 @@ class Endpoint:
             logger.exception("%r: dropping %d datagrams from %s", conn, len(datagrams), addr)
 
     def _recv_coalesced(self, size: int):
-        """recvfrom() with UDP_GRO: one (data, addr), or a list of them if coalesced."""
+        """recvfrom() with UDP_GRO: (data, addr), data being a list of datagrams (from one
+        peer) when the kernel coalesced several."""
         data, ancillary, _, addr = self._raw.recvmsg(size, _GRO_CMSG_SPACE)
         for level, kind, value in ancillary:
             if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
                 segment = int.from_bytes(value[:4], sys.byteorder)
                 if 0 < segment < len(data):
-                    return [(data[i:i + segment], addr) for i in range(0, len(data), segment)]
+                    return [data[i:i + segment] for i in range(0, len(data), segment)], addr
         return data, addr
 
     def send_datagrams(self, datagrams: list) -> None:
@@ -541,39 +547,43 @@ class Connection:
     def _h3_event(self, event) -> None:
         h3, ev = self.h3, self._ev
         sid = event.stream_id
-        bidi = sid & 2 == 0
-        if bidi and not h3.is_request_stream(sid):
+        known = self._h3streams.get(sid)
+        if known is None and not sid & 2 and not h3.is_request_stream(sid):
             return  # e.g. a second registration attempt: never parsed as HTTP/3
-        if isinstance(event, (ev.StreamDataReceived, ev.StreamReset)):
-            stream = self._h3streams.get(sid)
-            if stream is not None and stream._discarding:
-                if isinstance(event, ev.StreamReset) or event.end_stream:
-                    self._forget(stream)
-                return
-        headers_received, data_received = ev.HeadersReceived, ev.DataReceived
-        for ev in h3.handle_event(event):
-            stream = self._h3streams.get(ev.stream_id)
-            if isinstance(ev, headers_received):
+        kind = event.__class__
+        if known is not None and known._discarding and kind is not ev.StopSendingReceived:
+            if kind is ev.StreamReset or event.end_stream:
+                self._forget(known)
+            return
+        data_received, headers_received = ev.DataReceived, ev.HeadersReceived
+        for h3_event in h3.handle_event(event):
+            h3_kind = h3_event.__class__
+            event_sid = h3_event.stream_id if h3_kind is data_received or h3_kind is headers_received else None
+            stream = known if event_sid == sid else self._h3streams.get(event_sid)
+            if h3_kind is data_received:
+                if stream is not None:
+                    stream._on_data(h3_event.data, h3_event.stream_ended)
+            elif h3_kind is headers_received:
                 if stream is None:
-                    if self.on_request is None or not h3.is_request_stream(ev.stream_id):
+                    if self.on_request is None or not h3.is_request_stream(event_sid):
                         continue
-                    stream = self._h3streams[ev.stream_id] = H3Stream(self, ev.stream_id)
-                    stream._on_headers(ev.headers, ev.stream_ended)
+                    stream = self._h3streams[event_sid] = H3Stream(self, event_sid)
+                    if event_sid == sid:
+                        known = stream
+                    stream._on_headers(h3_event.headers, h3_event.stream_ended)
                     self.quic.busy += 1
                     self.on_request(stream)
                 else:
-                    stream._on_headers(ev.headers, ev.stream_ended)
-            elif isinstance(ev, data_received) and stream is not None:
-                stream._on_data(ev.data, ev.stream_ended)
+                    stream._on_headers(h3_event.headers, h3_event.stream_ended)
         if h3.malformed:
             self._abort_malformed(h3)
         if self._settings is not None and h3.received_settings is not None:
             self._settings.set()
-        if isinstance(event, (self._ev.StreamReset, self._ev.StopSendingReceived)):
+        if kind is ev.StreamReset or kind is ev.StopSendingReceived:
             stream = self._h3streams.get(sid)
             if stream is not None:
                 stream._on_quic_event(event)
-            if isinstance(event, self._ev.StreamReset):
+            if kind is ev.StreamReset:
                 h3.forget_stream(sid)
 
     def _abort_malformed(self, h3) -> None:
