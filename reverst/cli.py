@@ -89,9 +89,20 @@ _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
       type=click.IntRange(1200, 16000), help=DATAGRAM_HELP)
 @_opt("--quic-backend", env="QUIC_BACKEND", default="auto", show_default=True, type=_backend_choice,
       help=BACKEND_HELP)
+@_opt("--drain-timeout", env="DRAIN_TIMEOUT", default="30s", show_default=True, callback=_duration,
+      help="On SIGTERM, how long in-flight public requests may take before tunnels close.")
+@_opt("--drain-delay", env="DRAIN_DELAY", default="5s", show_default=True, callback=_duration,
+      help="On SIGTERM, how long new public connections are still accepted after /readyz turned 503 "
+           "(the time a load balancer takes to notice).")
+@_opt("--reuse-port", env="REUSE_PORT", is_flag=True, default=False,
+      help="Share the public port with other reverstd processes on this host (SO_REUSEPORT).")
+@_opt("--wait-for-tunnels", env="WAIT_FOR_TUNNELS", default="0s", show_default=True, callback=_duration,
+      help="/readyz stays 503 until a first tunnel registered, at most this long after start (a "
+           "replica behind a load balancer should not take public traffic before its clients found it).")
 def reverstd(log, log_format, access_log, tunnel_address, http_address, server_name, private_key_path,
              certificate_path, tunnel_groups, watch_groups, management_address, max_idle_timeout,
-             keep_alive_period, max_datagram_size, quic_backend):
+             keep_alive_period, max_datagram_size, quic_backend, drain_timeout, drain_delay, reuse_port,
+             wait_for_tunnels):
     """Run the reverst tunnel server."""
     _setup_logging(log, log_format)
     import prometheus_client
@@ -115,7 +126,7 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
             server_name=server_name, tunnel_address=tunnel_address, http_address=http_address,
             management_address=management_address, max_idle_timeout=max_idle_timeout,
             keep_alive_period=keep_alive_period, access_log=access_log, max_datagram_size=max_datagram_size,
-            quic_backend=quic_backend)
+            quic_backend=quic_backend, reuse_port=reuse_port, wait_for_tunnels=wait_for_tunnels)
     except ImportError as exc:  # --quic-backend qh3 without qh3 installed
         watcher.stop()
         raise click.ClickException(str(exc)) from None
@@ -129,7 +140,7 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
         _load_in_background(watcher, server, watch_groups)
     elif watch_groups:
         watcher.start(server.groups_updater())
-    _stop_on_signals(server.stop)
+    _drain_on_signals(server, drain_delay, drain_timeout)
     try:
         server.serve_forever()
     finally:
@@ -161,6 +172,23 @@ def _load_in_background(watcher, server, watch: bool, interval: float = 2.0) -> 
                 watcher.start(update)
             return
     threading.Thread(target=run, name="reverst-groups-loader", daemon=True).start()
+
+
+def _drain_on_signals(server, delay: float, timeout: float) -> None:
+    """SIGTERM drains (see TunnelServer.drain); SIGINT drains without the delay (a person
+    at a terminal); a second signal stops at once."""
+    import gevent
+    signals = []
+
+    def on_signal(sig) -> None:
+        signals.append(sig)
+        if len(signals) > 1:
+            logging.getLogger("reverst").info("second signal: stopping now")
+            gevent.spawn(server.stop, 0)
+        else:
+            gevent.spawn(server.drain, delay if sig == signal.SIGTERM else 0.0, timeout)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, on_signal, sig)
 
 
 def _stop_on_signals(stop) -> None:
@@ -213,7 +241,11 @@ def _client_options(fn):
         _opt("--log-format", env="LOG_FORMAT", default="text", show_default=True, type=_log_format_choice,
              help="text, or json: one object a line."),
         _opt("-a", "--tunnel-address", env="TUNNEL_ADDRESS", default="127.0.0.1:7171", show_default=True,
-             help="reverstd's QUIC address."),
+             help="reverstd's QUIC address; several separated by commas, and a name with several "
+                  "addresses: the client registers with every replica."),
+        _opt("--resolve-interval", env="RESOLVE_INTERVAL", default="30s", show_default=True,
+             callback=_duration, help="How often the tunnel address is resolved again (replicas come "
+                                      "and go); also after failures."),
         _opt("-n", "--server-name", env="SERVER_NAME", required=True, help="TLS server name."),
         _opt("-g", "--tunnel-group", env="TUNNEL_GROUP", default=None,
              help="Tunnel group to join (default: the server name)."),
@@ -233,7 +265,7 @@ def _client_options(fn):
         _opt("--quic-backend", env="QUIC_BACKEND", default="auto", show_default=True, type=_backend_choice,
              help=BACKEND_HELP),
         _opt("--connections", env="CONNECTIONS", default=1, show_default=True,
-             type=click.IntRange(1, 64), help="Independent tunnel connections to open."),
+             type=click.IntRange(1, 64), help="Independent tunnel connections to open (to each replica)."),
         _opt("--grace-period", env="GRACE_PERIOD", default="30s", show_default=True, callback=_duration,
              help="On SIGINT/SIGTERM, how long in-flight requests may take to finish."),
     ]):
@@ -296,7 +328,7 @@ def _run_client(app, description: str, opts: dict, threads: int) -> None:
             ca_file=opts["cacert_path"], insecure=opts["insecure"], max_idle_timeout=opts["max_idle_timeout"],
             keep_alive_period=opts["keep_alive_period"], app_threads=threads,
             connections=opts["connections"], max_datagram_size=opts["max_datagram_size"], on_ready=ready,
-            quic_backend=opts["quic_backend"])
+            quic_backend=opts["quic_backend"], resolve_interval=opts["resolve_interval"])
     except ImportError as exc:  # --quic-backend qh3 without qh3 installed
         raise click.ClickException(str(exc)) from None
     _stop_on_signals(lambda: client.stop(opts["grace_period"]))

@@ -65,7 +65,7 @@ def test_state_follows_connect_loss_reconnect_and_stop(certs, groups_file, procs
     assert not disagreements, disagreements[:5]
     messages = [r.getMessage() for r in caplog.records if r.name == "reverst.client"]
     assert sum("registered with" in m for m in messages) == 2
-    assert any("lost (server closing down" in m and "reconnecting in" in m for m in messages)
+    assert any("lost (server draining" in m and "reconnecting in" in m for m in messages)
 
 
 def test_state_is_stopped_after_a_fatal_error(server, certs):

@@ -17,16 +17,18 @@ from typing import Callable
 
 import gevent
 import gevent.event
+import gevent.socket
 
 from .. import protocol
 from .._transport import Connection, Endpoint, parse_address
+from ..logs import format_address
 from ..auth import basic_authorization, bearer_authorization
 from ..quic import REQUEST_STREAMS, load_backend
 from ..errors import (BadRequest, ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
                       ServerError, Unauthorized)
 from ._handler import WSGIHandler
 
-__all__ = ["BasicAuth", "BearerAuth", "Client", "serve", "Unauthorized", "BadRequest", "NotFound",
+__all__ = ["BasicAuth", "BearerAuth", "Client", "serve", "parse_tunnel_addresses", "Unauthorized", "BadRequest", "NotFound",
            "ServerError", "CONNECTING", "CONNECTED", "RECONNECTING", "STOPPED"]
 
 logger = logging.getLogger("reverst.client")
@@ -61,19 +63,70 @@ class BearerAuth:
 CONNECTING, CONNECTED, RECONNECTING, STOPPED = "connecting", "connected", "reconnecting", "stopped"
 
 
+def parse_tunnel_addresses(value) -> list[tuple[str, int]]:
+    """``host:port``, ``h1:7171,h2:7171``, or a list/tuple of those (or of (host, port))
+    -> [(host, port), ...]. A host may be a name with several addresses: each is a replica."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        value = [value]
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    addresses = [parse_address(v, "127.0.0.1", "tunnel address") for v in items if v]
+    if not addresses:
+        raise ValueError("no tunnel address given")
+    return addresses
+
+
+class _Slot:
+    """One tunnel connection kept registered with one replica (an address of a name)."""
+
+    def __init__(self, host: str, ip: str, port: int, index: int, count: int) -> None:
+        self.host, self.ip, self.port = host, ip, port
+        self.index, self.count = index, count
+        self.state = CONNECTING
+        self.conn: Connection | None = None       # the last registered connection
+        self.endpoint: Endpoint | None = None
+        self.runner: gevent.Greenlet | None = None
+        self.error: str | None = None             # why the last attempt or connection failed
+
+    @property
+    def replica(self) -> str:
+        return format_address((self.ip, self.port))
+
+    @property
+    def name(self) -> str:
+        return f"connection {self.index + 1}/{self.count}" if self.count > 1 else "connection"
+
+    @property
+    def where(self) -> str:
+        """The replica, and the name it came from when that is not an address."""
+        return self.replica if self.host == self.ip else f"{self.replica} ({self.host})"
+
+    def close_endpoint(self) -> None:
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.close()
+
+
 class Client:
-    """Keeps ``connections`` tunnel connections registered and serves ``app`` through them.
+    """Keeps ``connections`` tunnel connections registered with every replica of
+    ``tunnel_address`` and serves ``app`` through them.
+
+    ``tunnel_address`` is ``host:port``, several separated by commas, or a list of them.
+    A name with several A/AAAA records gives one replica per address (a headless
+    Kubernetes Service, say): the client registers with each, re-resolves every
+    ``resolve_interval`` seconds and after failures, registers with new replicas and lets
+    go of removed ones. A replica that is down never delays the others.
 
     ``dial_and_serve()`` blocks until :meth:`stop` is called or registration fails for
     good (:class:`Unauthorized`/:class:`BadRequest` at once; :class:`NotFound` and
-    server errors after ``max_retries`` consecutive failures, never by default).  A
-    dropped connection is re-dialled with capped exponential backoff and jitter; the
-    backoff starts over once a connection has stayed up for ``healthy_after`` seconds.
+    server errors after ``max_retries`` consecutive failures of one connection, never by
+    default).  A dropped connection is re-dialled with capped exponential backoff and
+    jitter; the backoff starts over once a connection has stayed up for ``healthy_after``.
 
     :attr:`state` is ``"connecting"`` until the first registration, ``"connected"``
     while at least one connection is registered, ``"reconnecting"`` after a failure or
     a loss while none is, and ``"stopped"`` once :meth:`stop` is done or
     ``dial_and_serve()`` gave up; :meth:`on_state_change` callbacks hear each change.
+    :attr:`replicas` says how each replica is served.
     """
 
     def __init__(self, app, tunnel_address, *, tunnel_group: str, server_name: str | None = None,
@@ -83,12 +136,15 @@ class Client:
                  app_threads: int = 100, connections: int = 1, max_retries: int | None = None,
                  backoff: tuple[float, float] = (0.1, 30.0), healthy_after: float = 60.0,
                  handshake_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
-                 max_datagram_size: int = 1452, quic_backend: str | None = None) -> None:
+                 max_datagram_size: int = 1452, quic_backend: str | None = None,
+                 resolve_interval: float = 30.0) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
         self.app = app
-        self.host, self.port = parse_address(tunnel_address, "127.0.0.1", "tunnel address")
+        self.addresses = parse_tunnel_addresses(tunnel_address)
+        self.host, self.port = self.addresses[0]
         self.tunnel_group = tunnel_group
+        self._server_name = server_name
         self.server_name = server_name or self.host
         self.auth = auth
         self.ca_file = ca_file
@@ -96,12 +152,14 @@ class Client:
         self.on_ready = on_ready
         self.max_idle_timeout = max_idle_timeout
         self.keep_alive_period = keep_alive_period
+        self.connections_per_replica = connections
         self.max_retries = max_retries
         self.backoff = backoff
         self.healthy_after = healthy_after
         self.handshake_timeout = handshake_timeout
         self.dead_peer_timeout = dead_peer_timeout
         self.max_datagram_size = max_datagram_size
+        self.resolve_interval = resolve_interval
         #: the QUIC backend module (reverst.quic): ``quic_backend`` names it (auto, aioquic, qh3)
         self.backend = load_backend(quic_backend)
         #: ``auto`` chose qh3: a certificate only qh3 refuses may send us to aioquic (see below)
@@ -110,15 +168,21 @@ class Client:
         self._handler = WSGIHandler(app, threads=app_threads)
         self._stopping = gevent.event.Event()
         self._stopped = gevent.event.Event()  # set by stop() once connections are closed
-        self._slots: list[Connection | None] = [None] * connections
-        self._endpoints: list[Endpoint | None] = [None] * connections
-        self._slot_states: list[str] = [CONNECTING] * connections
+        self._resolve_now = gevent.event.Event()
+        self._fatal: BaseException | None = None
+        self._failed = gevent.event.Event()
+        self._replicas: dict[tuple[str, int], list[_Slot]] = {}  # (ip, port) -> its slots
+        self._retired: list[_Slot] = []
+        self._first: _Slot | None = None
         self._state = CONNECTING
         self._state_callbacks: list[Callable[["Client", str], None]] = []
 
     def __repr__(self) -> str:
         return (f"<Client {self.host}:{self.port} group={self.tunnel_group!r} "
-                f"connected={len(self.connections)}/{len(self._slots)}>")
+                f"connected={len(self.connections)}/{len(self._slots())}>")
+
+    def _slots(self) -> list[_Slot]:
+        return [slot for slots in self._replicas.values() for slot in slots]
 
     @property
     def connections(self) -> list[Connection]:
@@ -128,7 +192,20 @@ class Client:
         list is not empty (a connection joins it when its registration is answered and
         leaves it the moment it closes).
         """
-        return [c for c in self._slots if c is not None and c.is_open]
+        return [s.conn for s in self._slots() if s.conn is not None and s.conn.is_open]
+
+    @property
+    def replicas(self) -> list[dict]:
+        """Each replica: its address, the name it came from, how many of its connections
+        are registered, its state and (if any) why its last attempt failed."""
+        out = []
+        for (ip, port), slots in sorted(self._replicas.items()):
+            registered = sum(1 for s in slots if s.conn is not None and s.conn.is_open)
+            out.append({"address": format_address((ip, port)), "host": slots[0].host,
+                        "connections": registered, "wanted": len(slots),
+                        "state": CONNECTED if registered else slots[0].state,
+                        "error": next((s.error for s in slots if s.error), None)})
+        return out
 
     @property
     def state(self) -> str:
@@ -140,9 +217,9 @@ class Client:
         block) whenever :attr:`state` changes."""
         self._state_callbacks.append(callback)
 
-    def _set_slot_state(self, slot: int, state: str) -> None:
-        self._slot_states[slot] = state
-        states = self._slot_states
+    def _set_slot_state(self, slot: _Slot, state: str) -> None:
+        slot.state = state
+        states = [s.state for s in self._slots()]
         overall = (CONNECTED if CONNECTED in states else
                    CONNECTING if all(s == CONNECTING for s in states) else RECONNECTING)
         self._set_state(overall)
@@ -160,30 +237,27 @@ class Client:
 
     @property
     def connection(self) -> Connection | None:
-        """The first slot's last registered connection (open or not), for
+        """The first connection's last registered connection (open or not), for
         single-connection use."""
-        return self._slots[0]
+        return self._first.conn if self._first is not None else None
 
     # -- public API -------------------------------------------------------------------
     def dial_and_serve(self) -> None:
         """Dial, register and serve until :meth:`stop`; raises when registration fails for good."""
-        runners = [gevent.spawn(self._run_slot, i) for i in range(len(self._slots))]
+        supervisor = gevent.spawn(self._supervise)
         try:
-            for done in gevent.iwait(runners + [self._stopped]):
-                if done is self._stopped:  # stop() is done: a slot still dialling is killed below
-                    break
-                if done.exception is not None:  # a fatal error ends every slot
-                    self._stopping.set()
-                    for runner in runners:
-                        runner.kill(block=False)
-                    raise done.exception
-            # stop() was called: let it finish in-flight requests and close the connections
-            self._stopped.wait()
+            gevent.wait([self._failed, self._stopped], count=1)
+            if self._fatal is not None and not self._stopped.is_set():
+                self._stopping.set()
+                raise self._fatal
+            self._stopped.wait()  # stop() finishes in-flight requests and closes connections
         finally:
             self._stopping.set()
-            gevent.killall(runners, block=True, timeout=5)
-            for i in range(len(self._slots)):
-                self._close_endpoint(i)
+            supervisor.kill(block=False)
+            slots = self._slots() + self._retired
+            gevent.killall([s.runner for s in slots if s.runner is not None], block=True, timeout=5)
+            for slot in slots:
+                slot.close_endpoint()
             self._set_state(STOPPED)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -199,9 +273,8 @@ class Client:
             with gevent.Timeout(timeout, False):
                 while self._handler.active:
                     gevent.sleep(0.05)
-            for conn in self._slots:
-                if conn is not None and conn.is_open:
-                    conn.close(protocol.AppErrorCode.OK, "client closing")
+            for conn in self.connections:
+                conn.close(protocol.AppErrorCode.OK, "client closing")
             self._handler.close()
         finally:
             self._stopped.set()
@@ -213,37 +286,118 @@ class Client:
     def __exit__(self, *exc):
         self.stop()
 
-    # -- internals ------------------------------------------------------------------------
-    def _run_slot(self, slot: int) -> None:
+    # -- replicas ---------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Resolve the addresses, start and retire slots; again every resolve_interval and
+        soon after a failure (at most once a second)."""
+        while not self._stopping.is_set():
+            resolved = self._resolve()
+            if resolved is not None:
+                self._reconcile(resolved)
+            started = time.monotonic()
+            self._resolve_now.clear()
+            gevent.wait([self._resolve_now, self._stopping], timeout=self.resolve_interval, count=1)
+            left = 1.0 - (time.monotonic() - started)
+            if left > 0 and not self._stopping.is_set():
+                self._stopping.wait(left)
+
+    def _resolve(self) -> dict[tuple[str, int], str] | None:
+        """(ip, port) -> host name of every replica. None when no name resolved at all
+        (the replicas known so far stay); a name that fails keeps its replicas."""
+        resolved: dict[tuple[str, int], str] = {}
+        ok = False
+        for host, port in self.addresses:
+            try:
+                infos = gevent.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                logger.warning("cannot resolve %s: %s; keeping its replicas as they are", host, exc)
+                for key, slots in self._replicas.items():
+                    if slots[0].host == host:
+                        resolved.setdefault(key, host)
+                continue
+            ok = True
+            for family, _, _, _, addr in infos:
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    resolved.setdefault((addr[0], addr[1]), host)
+        return resolved if ok or resolved else None
+
+    def _reconcile(self, resolved: dict[tuple[str, int], str]) -> None:
+        for key, host in resolved.items():
+            if key in self._replicas:
+                continue
+            if self._replicas:
+                logger.info("replica %s (%s) appeared: registering with it", format_address(key), host)
+            slots = self._replicas[key] = [_Slot(host, key[0], key[1], i, self.connections_per_replica)
+                                           for i in range(self.connections_per_replica)]
+            for slot in slots:
+                if self._first is None:
+                    self._first = slot
+                slot.runner = gevent.spawn(self._run_slot, slot)
+        for key in [k for k in self._replicas if k not in resolved]:
+            slots = self._replicas.pop(key)
+            logger.info("replica %s (%s) is no longer listed: letting go of it", format_address(key),
+                        slots[0].host)
+            for slot in slots:
+                self._retire(slot)
+        if self._slots():
+            self._set_slot_state(self._slots()[0], self._slots()[0].state)  # (the overall state)
+
+    def _retire(self, slot: _Slot) -> None:
+        """A replica left the name: no more reconnecting; its connection finishes what it
+        carries (up to 10 s) and closes with 0x0."""
+        self._retired.append(slot)
+        if slot.runner is not None:
+            slot.runner.kill(block=False)
+        conn = slot.conn
+
+        def close_when_idle() -> None:
+            with gevent.Timeout(10, False):
+                while conn is not None and conn.is_open and conn.open_streams:
+                    gevent.sleep(0.1)
+            if conn is not None and conn.is_open:
+                conn.close(protocol.AppErrorCode.OK, "replica no longer listed")
+            slot.close_endpoint()
+        gevent.spawn(close_when_idle)
+
+    # -- one connection ---------------------------------------------------------------------
+    def _run_slot(self, slot: _Slot) -> None:
+        try:
+            self._keep_registered(slot)
+        except (Unauthorized, BadRequest, ReverstError, OSError, gevent.Timeout) as exc:
+            if self._fatal is None and not self._stopping.is_set():
+                self._fatal = exc
+                self._failed.set()
+
+    def _keep_registered(self, slot: _Slot) -> None:
         failures = 0
-        name = f"connection {slot + 1}/{len(self._slots)}" if len(self._slots) > 1 else "connection"
         while not self._stopping.is_set():
             try:
                 conn = self._dial_and_register(slot)
             except (Unauthorized, BadRequest):
                 raise
             except (ReverstError, OSError, gevent.Timeout) as exc:
-                self._close_endpoint(slot)
+                slot.close_endpoint()
                 if self._stopping.is_set():
                     return
                 failures += 1
+                slot.error = str(exc)
                 if self.max_retries is not None and failures > self.max_retries:
                     raise
                 delay = self._delay(failures)
                 self._set_slot_state(slot, RECONNECTING)
+                self._resolve_now.set()
                 if isinstance(exc, NotFound):
-                    logger.warning("%s: tunnel group %r is unknown to %s:%d (%s); retrying in %.1fs",
-                                   name, self.tunnel_group, self.host, self.port, exc, delay)
+                    logger.warning("%s: tunnel group %r is unknown to %s (%s); retrying in %.1fs",
+                                   slot.name, self.tunnel_group, slot.where, exc, delay)
                 else:
-                    logger.info("%s: registration with %s:%d failed (%s); retrying in %.1fs",
-                                name, self.host, self.port, exc, delay)
+                    logger.info("%s: registration with %s failed (%s); retrying in %.1fs", slot.name,
+                                slot.where, exc, delay)
                 self._stopping.wait(delay)
                 continue
             connected_at = time.monotonic()
-            logger.info("%s registered with %s:%d in group %r", name, self.host, self.port,
-                        self.tunnel_group)
+            logger.info("%s registered with %s in group %r", slot.name, slot.where, self.tunnel_group)
             # In one step (no switch in between): the list and the state change together.
-            self._slots[slot] = conn
+            slot.conn, slot.error = conn, None
             conn.on_close(functools.partial(self._lost, slot))
             self._set_slot_state(slot, CONNECTED)
             if self.on_ready is not None:
@@ -251,16 +405,18 @@ class Client:
             gevent.wait([conn.closed, self._stopping], count=1)
             if self._stopping.is_set():
                 return
-            self._close_endpoint(slot)
+            slot.close_endpoint()
             if time.monotonic() - connected_at >= self.healthy_after:
                 failures = 0
             failures += 1
             delay = self._delay(failures)
-            self._set_slot_state(slot, RECONNECTING)
-            logger.info("%s lost (%s); reconnecting in %.1fs", name, conn.close_reason, delay)
+            slot.error = str(conn.close_reason)
+            self._resolve_now.set()
+            logger.info("%s lost (%s); reconnecting in %.1fs (%s)", slot.name, conn.close_reason, delay,
+                        slot.where)
             self._stopping.wait(delay)
 
-    def _fall_back(self, closed: ConnectionClosed) -> bool:
+    def _fall_back(self, slot: _Slot, closed: ConnectionClosed) -> bool:
         """qh3 (webpki's rule) refuses a server certificate that is marked as a CA, which is
         what ``openssl req -x509`` makes of a self-signed one; aioquic and Go accept it.
         When ``auto`` chose qh3, such a refusal switches this client to aioquic (which
@@ -269,15 +425,15 @@ class Client:
             return False
         self._may_fall_back = False
         self.backend = load_backend("aioquic")
-        logger.warning("the QUIC backend qh3 refused the certificate of %s:%d (%s); it refuses a "
+        logger.warning("the QUIC backend qh3 refused the certificate of %s (%s); it refuses a "
                        "self-signed certificate marked as a CA (as openssl req -x509 makes them), which "
                        "aioquic accepts: using aioquic for this server (a certificate with CA:FALSE, or "
-                       "one issued by a CA, lets qh3 serve it)", self.host, self.port, closed.reason)
+                       "one issued by a CA, lets qh3 serve it)", slot.replica, closed.reason)
         return True
 
-    def _lost(self, slot: int, conn: Connection) -> None:
+    def _lost(self, slot: _Slot, conn: Connection) -> None:
         """A registered connection closed (called as it closes, in the hub)."""
-        if self._slots[slot] is conn and not self._stopping.is_set():
+        if slot.conn is conn and not self._stopping.is_set():
             self._set_slot_state(slot, RECONNECTING)
 
     def _delay(self, failures: int) -> float:
@@ -285,35 +441,30 @@ class Client:
         delay = min(high, low * 2 ** (failures - 1))
         return delay * random.uniform(0.9, 1.1)
 
-    def _configuration(self):
+    def _configuration(self, server_name: str):
         return self.backend.client_configuration(
-            server_name=self.server_name, idle_timeout=self.max_idle_timeout,
+            server_name=server_name, idle_timeout=self.max_idle_timeout,
             max_datagram_size=self.max_datagram_size, insecure=self.insecure, ca_file=self.ca_file)
 
-    def _close_endpoint(self, slot: int) -> None:
-        endpoint, self._endpoints[slot] = self._endpoints[slot], None
-        if endpoint is not None:
-            endpoint.close()
-
-    def _dial_and_register(self, slot: int) -> Connection:
-        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
-        family, _, _, _, addr = infos[0]
-        endpoint = self._endpoints[slot] = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0,
-                                                         backend=self.backend)
+    def _dial_and_register(self, slot: _Slot) -> Connection:
+        server_name = self._server_name or slot.host
+        family = socket.AF_INET6 if ":" in slot.ip else socket.AF_INET
+        endpoint = slot.endpoint = Endpoint.bind("::" if family == socket.AF_INET6 else "0.0.0.0", 0,
+                                                 backend=self.backend)
         endpoint.start()
-        conn = endpoint.connect(addr, self._configuration(), keep_alive=self.keep_alive_period,
-                                dead_peer_timeout=self.dead_peer_timeout, request_streams=REQUEST_STREAMS)
+        conn = endpoint.connect((slot.ip, slot.port), self._configuration(server_name),
+                                keep_alive=self.keep_alive_period, dead_peer_timeout=self.dead_peer_timeout,
+                                request_streams=REQUEST_STREAMS)
         try:
             with gevent.Timeout(self.handshake_timeout, ServerError("handshake timed out")):
                 gevent.wait([conn.handshake_done, conn.closed], count=1)
             if conn.close_reason is not None:
                 closed = conn.close_reason
                 if not closed.application:  # TLS or transport: say which name was checked
-                    if self._fall_back(closed):
-                        self._close_endpoint(slot)
+                    if self._fall_back(slot, closed):
+                        slot.close_endpoint()
                         return self._dial_and_register(slot)
-                    raise ServerError(f"handshake with {self.host}:{self.port} as {self.server_name!r} "
-                                      f"failed: {closed}")
+                    raise ServerError(f"handshake with {slot.replica} as {server_name!r} failed: {closed}")
                 raise self._error(closed)
             stream = conn.open_stream()
             metadata = {"Authorization": self.auth.authorization()} if self.auth else None
