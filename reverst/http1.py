@@ -231,10 +231,12 @@ class _Connection:
     """One public TCP connection (the I/O shell around :class:`RequestParser`): requests
     served one at a time, in order."""
 
-    def __init__(self, sock, address, app) -> None:
+    def __init__(self, sock, address, app, front: "Front | None" = None) -> None:
         self.sock = sock
         self.address = address
         self.app = app
+        self.front = front
+        self.between_requests = False  # waiting for a request head that has not begun
         self.parser = RequestParser(self)
         self.eof = False
         self.head_deadline: float | None = None
@@ -302,10 +304,13 @@ class _Connection:
         while not requests:
             if self.parser.stopped:
                 return None
+            self.between_requests = not self.parser.head_started
             try:
                 self.fill()
             except ClientGone:
                 return None
+            finally:
+                self.between_requests = False
         return requests.popleft()
 
     def serve(self) -> None:
@@ -504,7 +509,7 @@ class _Response:
                 out += b"Transfer-Encoding: chunked\r\n"
             else:
                 self.keep_alive = False  # the end of the body is the end of the connection
-        if req.upgrade or not req.complete:
+        if req.upgrade or not req.complete or (self.conn.front is not None and self.conn.front.draining):
             self.keep_alive = False
         if not self.keep_alive:
             out += b"Connection: close\r\n"
@@ -549,13 +554,33 @@ class Front:
     def __init__(self, app) -> None:
         self.app = app
         self.connections: set[_Connection] = set()
+        #: set by :meth:`drain`: responses close their connection, idle ones close now
+        self.draining = False
+
+    def drain(self) -> None:
+        """Finish what is in flight: every response from now on closes its connection (so
+        a client with a kept-alive connection opens a new one, which a load balancer sends
+        elsewhere). Connections idle meanwhile stay open until :meth:`close_idle`."""
+        self.draining = True
+
+    def close_idle(self) -> None:
+        """Close the connections waiting for a next request (a request that races the
+        close is the client's to retry, as RFC 9112 §9.3.1 lets it; :meth:`drain` first
+        keeps that to clients idle for the whole drain delay)."""
+        self.drain()
+        for conn in list(self.connections):
+            if conn.between_requests:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
     def __call__(self, sock, address) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        conn = _Connection(sock, address, self.app)
+        conn = _Connection(sock, address, self.app, self)
         self.connections.add(conn)
         try:
             conn.serve()

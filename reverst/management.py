@@ -76,10 +76,15 @@ class ManagementApp:
         server = self.server
         if server._stopped.is_set():
             return "shutting down"
+        if server.draining:
+            return "draining"
         if not server.ready.is_set():
             return "listeners not bound yet"
         if not server.groups_loaded.is_set():
             return f"tunnel groups not loaded yet from {server.groups.source or 'their source'}"
+        if (server.wait_for_tunnels and not server._registered_total
+                and time.monotonic() - server.started_at < server.wait_for_tunnels):
+            return "no tunnel registered yet"
         return None
 
     def status(self) -> dict:

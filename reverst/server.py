@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http
 import logging
+import time
 
 import gevent
 import gevent.event
@@ -18,6 +19,7 @@ import gevent.lock
 import gevent.pywsgi
 import gevent.queue
 import gevent.server
+import gevent.socket
 from . import auth, http1, protocol, websocket
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
@@ -116,7 +118,8 @@ class TunnelServer:
                  registration_timeout: float = 10.0, dead_peer_timeout: float = 5.0,
                  max_datagram_size: int = 1452, access_log: bool = True,
                  quic_backend: str | None = None,
-                 max_websockets_per_tunnel: int = MAX_WEBSOCKETS_PER_CONNECTION) -> None:
+                 max_websockets_per_tunnel: int = MAX_WEBSOCKETS_PER_CONNECTION,
+                 reuse_port: bool = False, wait_for_tunnels: float = 0.0) -> None:
         #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
         #: answers 503 until :meth:`update_groups` is called)
         self.groups_loaded = gevent.event.Event()
@@ -151,12 +154,20 @@ class TunnelServer:
         self._tunnels: dict[str, _Tunnels] = {}
         self._slots: dict[Connection, gevent.lock.BoundedSemaphore] = {}
         self.max_websockets_per_tunnel = max_websockets_per_tunnel
+        self.reuse_port = reuse_port
+        #: /readyz waits (at most this long after start) for a first tunnel: a replica that
+        #: took public traffic before its clients found it would answer 502s
+        self.wait_for_tunnels = wait_for_tunnels
+        self.started_at = time.monotonic()
         #: open WebSockets per tunnel connection
         self.websockets: dict[Connection, int] = {}
         self._endpoint: Endpoint | None = None
         self._http: gevent.server.StreamServer | None = None
         self._management: gevent.pywsgi.WSGIServer | None = None
         self._stopped = gevent.event.Event()
+        #: set by drain(): not ready, new registrations refused, the public side winding down
+        self.draining = False
+        self._front: http1.Front | None = None
         self._registered_total = 0
         self.ready = gevent.event.Event()
         self.metrics = ServerMetrics(self)
@@ -168,13 +179,14 @@ class TunnelServer:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
+        self.started_at = time.monotonic()
         self._endpoint = Endpoint.bind(*self._tunnel_bind, backend=self.backend, server_config=self._quic_config,
                                        empty_cid_fallback=self._empty_cid_fallback,
                                        on_connection=self._on_connection,
                                        connection_options=self._conn_options)
         self._endpoint.start()
-        front = http1.Front(self.metrics.observe(self._proxy, access_log=self.access_log))
-        self._http = gevent.server.StreamServer(self._http_bind, front, spawn=self.metrics.public_connections)
+        front = self._front = http1.Front(self.metrics.observe(self._proxy, access_log=self.access_log))
+        self._http = gevent.server.StreamServer(self._public_listener(), front, spawn=self.metrics.public_connections)
         gevent.spawn(self._sweep_public, front)
         self._http.start()
         if self._management_bind is not None:
@@ -198,7 +210,51 @@ class TunnelServer:
             self.start()
         self._stopped.wait()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def _public_listener(self):
+        """The public TCP listener; with ``reuse_port``, SO_REUSEPORT lets several reverstd
+        processes on one host share the port (the kernel spreads the connections)."""
+        if not self.reuse_port:
+            return self._http_bind
+        import socket
+        host, port = self._http_bind
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        return sock
+
+    def drain(self, delay: float = 5.0, timeout: float = 30.0) -> None:
+        """Leave gracefully, as a replica behind a load balancer should: not ready at once
+        (``/readyz`` 503), no new registrations, and every public response closes its
+        connection; after ``delay`` seconds (the load balancer's time to notice) no new
+        public connections and idle kept-alive ones closed; in-flight requests, uploads, streams and WebSockets finish;
+        then the tunnels close with 0x0. At most ``timeout`` seconds in all; :meth:`stop`
+        (a second signal) cuts it short."""
+        if self.draining or self._stopped.is_set():
+            return
+        self.draining = True
+        started = time.monotonic()
+        logger.info("draining: not ready now; no new public connections in %gs; tunnels close once "
+                    "public requests are done (%gs at most)", delay, timeout)
+        front = self._front
+        if front is not None:
+            front.drain()
+        if self._stopped.wait(min(delay, timeout)):
+            return
+        if self._http is not None:
+            self._http.close()  # the listening socket only: connections carry on
+        if front is not None:
+            front.close_idle()
+            while front.connections and time.monotonic() - started < timeout and not self._stopped.is_set():
+                gevent.sleep(0.05)
+            if front.connections:
+                logger.warning("drain timeout: cutting %d public connections", len(front.connections))
+        logger.info("drained in %.1fs", time.monotonic() - started)
+        self.stop(timeout=0, reason="server draining")
+
+    def stop(self, timeout: float = 5.0, reason: str = "server closing down") -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -208,7 +264,7 @@ class TunnelServer:
             self._management.stop(timeout=0)
         if self._endpoint is not None:
             for conn in list(self._endpoint.connections):
-                conn.close(protocol.AppErrorCode.OK, "server closing down")
+                conn.close(protocol.AppErrorCode.OK, reason)
             gevent.sleep(0)
             self._endpoint.close()
 
@@ -282,6 +338,8 @@ class TunnelServer:
                         raise ProtocolViolation("registration stream ended before a complete message")
                 request = protocol.decode_request_untrusted(obj)
                 group_name = request.tunnel_group
+                if self.draining:  # (0x1: the client retries, here or at another replica)
+                    raise ServerError("server draining")
                 group = self.groups.group(group_name)
                 if group is None:
                     raise NotFound(f"tunnel group {group_name!r} not found")

@@ -130,7 +130,8 @@ class Server(Proc):
     def __init__(self, certs, groups_path, extra=()):
         super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
                           "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
-                          "-g", str(groups_path), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0", *extra])
+                          "-g", str(groups_path), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0", "--drain-delay", "0s",
+                          *extra])
         m = self._wait_or_kill(READY_SERVER.pattern)
         self.tunnel_address = m.group(1)
         host, port = m.group(2).rsplit(":", 1)

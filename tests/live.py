@@ -27,7 +27,8 @@ class LiveServer(Proc):
     def __init__(self, certs, source, extra=("-w",), env=None):
         super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
                           "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
-                          "-g", str(source), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0", *extra], env=env)
+                          "-g", str(source), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0", "--drain-delay", "0s",
+                          *extra], env=env)
         m = self._wait_or_kill(READY_SERVER.pattern, timeout=15)
         self.tunnel_address = m.group(1)
         self.http_port = int(m.group(2).rsplit(":", 1)[1])

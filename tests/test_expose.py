@@ -200,7 +200,7 @@ class FixedServer(Proc):
     def __init__(self, certs, groups_path, tunnel="127.0.0.1:0", http="127.0.0.1:0"):
         super().__init__([sys.executable, "-m", "reverst.cli", "reverstd", "-l", "debug",
                           "-n", "localhost", "-k", certs["key"], "-c", certs["cert"],
-                          "-g", str(groups_path), "-a", tunnel, "-s", http])
+                          "-g", str(groups_path), "-a", tunnel, "-s", http, "--drain-delay", "0s"])
         m = self._wait_or_kill(READY_SERVER.pattern)
         self.tunnel_address = m.group(1)
         self.http_port = int(m.group(2).rsplit(":", 1)[1])

@@ -111,7 +111,7 @@ def test_client_logs_connected_reconnecting_and_each_request(certs, groups_file,
     assert "secret-in-query" not in client.output()
     address = server.tunnel_address
     server.stop(signal.SIGTERM)  # closes the tunnel with 0x0: the client says why and when it retries
-    client.wait_for(r"connection lost \(server closing down \(application error 0x0\)\); reconnecting in \d+\.\ds")
+    client.wait_for(r"connection lost \(server draining \(application error 0x0\)\); reconnecting in \d+\.\ds")
     client.wait_for(r"registration with 127\.0\.0\.1:\d+ failed \(.+\); retrying in \d+\.\ds", timeout=20)
     assert address
 
