@@ -55,13 +55,14 @@ def start(n: int, setup, procs, quic: str) -> tuple[int, list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", default="1,2", help="replica counts to compare (default 1,2)")
-    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64, help="wrk connections for small GETs")
     parser.add_argument("--quic-backend", default="qh3")
     args = parser.parse_args()
     counts = [int(n) for n in args.replicas.split(",")]
     bench.interrupt_on_sigterm()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-reuseport-"))
+    tmp.chmod(0o755)  # nginx workers run as another user
     rows = []
     with bench.Procs() as base:
         ca, cert, key = bench.make_certs(tmp / "certs")

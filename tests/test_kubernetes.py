@@ -272,7 +272,11 @@ def test_example_manifests_agree():
         assert ns == namespace and ("secrets", secret) in allowed
         assert secret_key in docs[("Secret", secret)]["stringData"]
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "reverstd"
-    ports = {(p["protocol"], p["port"]) for p in docs[("Service", "reverstd")]["spec"]["ports"]}
+    ports = {
+        (p["protocol"], p["port"])
+        for name in ("reverstd-tunnel", "reverstd-http")
+        for p in docs[("Service", name)]["spec"]["ports"]
+    }
     assert ports == {("UDP", 7171), ("TCP", 80)}
     kustomization = yaml.safe_load((here / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(p.name for p in here.glob("*.yaml") if p.stem != "kustomization")
