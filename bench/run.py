@@ -753,38 +753,17 @@ def machine_info() -> dict:
 
 
 def make_certs(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    """(CA certificate, server certificate, server key) for localhost / 127.0.0.1, made per run.
-
-    A separate CA and leaf: qh3's verifier (webpki) rejects a self-signed CA certificate
-    presented as the server's own."""
-    import datetime
-    import ipaddress
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def certificate(subject, issuer, public_key, signing_key, ca: bool):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=2))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        return builder.sign(signing_key, hashes.SHA256())
+    """(CA certificate, server certificate, server key) for localhost / 127.0.0.1, made per run
+    by trustme (a CA and a leaf it signs: qh3's verifier rejects a self-signed leaf)."""
+    import trustme
 
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "reverst bench CA")])
-    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
     paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    pem = serialization.Encoding.PEM
-    paths[0].write_bytes(certificate(ca_name, ca_name, ca_key.public_key(), ca_key, True).public_bytes(pem))
-    paths[1].write_bytes(certificate(leaf_name, ca_name, key.public_key(), ca_key, False).public_bytes(pem))
-    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ca.cert_pem.write_to_path(str(paths[0]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths[1]))
+    leaf.private_key_pem.write_to_path(str(paths[2]))
     return paths
 
 
