@@ -12,7 +12,7 @@ import random
 import pytest
 
 from reverst.protocol import AppErrorCode
-from reverst.quic import BUSY_PROBE_INTERVAL, SUSPECT_GRACE
+from reverst.quic import BUSY_DEAD_PEER_TIMEOUT, BUSY_PROBE_INTERVAL, SUSPECT_GRACE
 
 from .inmemory import (CLIENT_ADDR, LIBRARY, SERVER_ADDR, Link, QuicConnection, TunnelQuicConnection, events,
                        make_link)
@@ -347,8 +347,12 @@ def test_keep_alive_follows_a_shorter_idle_timeout_of_the_peer(tls):
 
 
 def test_dead_peer_is_detected_while_busy(tls):
+    """In flight: PING after BUSY_PROBE_INTERVAL of quiet, close after BUSY_DEAD_PEER_TIMEOUT
+    without an answer (loopback RTT: the floors apply), well under ``dead_peer_timeout``."""
     link = make_link(tls, idle_timeout=60.0, client_kwargs={"dead_peer_timeout": 5.0})
     client = link.client
+    link.client.send_ping(1)
+    link.advance(0.1)  # heard from the peer just now
     client.busy = 1
     link.gone.add(link.server)  # the peer vanished: nothing reaches it, it sends nothing
     quiet_since = link.last_rx[client]
@@ -361,14 +365,42 @@ def test_dead_peer_is_detected_while_busy(tls):
     assert link.sent[client] == sent + 1  # the probe PING went out
     assert client.closed_event is None
 
-    link.run(until=quiet_since + BUSY_PROBE_INTERVAL + 5.0 - 0.01)
+    gone_at = quiet_since + BUSY_PROBE_INTERVAL + BUSY_DEAD_PEER_TIMEOUT
+    link.run(until=gone_at - 0.01)
     assert client.closed_event is None  # still waiting for the probe's answer
-    link.run(until=quiet_since + BUSY_PROBE_INTERVAL + 5.0)
+    link.run(until=gone_at)
     closed = client.closed_event
     assert closed is not None
     assert closed.error_code == AppErrorCode.SERVER_ERROR == 0x1
     assert closed.reason_phrase == "peer unresponsive"
-    assert link.now - quiet_since < 60.0 / 4  # long before the idle timeout
+    assert link.now - quiet_since < 2.0  # a visitor's response is cut within 2 s
+
+
+def test_a_busy_probe_waits_no_longer_than_dead_peer_timeout(tls):
+    link = make_link(tls, idle_timeout=60.0, client_kwargs={"dead_peer_timeout": 0.3})
+    link.client.send_ping(1)
+    link.advance(0.1)  # heard from the peer just now
+    link.client.busy = 1
+    link.gone.add(link.server)
+    quiet_since = link.last_rx[link.client]
+    link.run(until=quiet_since + BUSY_PROBE_INTERVAL + 0.3 - 0.01)
+    assert link.client.closed_event is None
+    link.run(until=quiet_since + BUSY_PROBE_INTERVAL + 0.3)
+    assert link.client.closed_event is not None
+
+
+def test_an_idle_connection_gives_its_keep_alive_dead_peer_timeout(tls):
+    """Nothing in flight: the keep-alive PING may go unanswered for ``dead_peer_timeout``."""
+    link = make_link(tls, idle_timeout=60.0, client_kwargs={"keep_alive": 10.0, "dead_peer_timeout": 5.0})
+    link.client.send_ping(1)
+    link.advance(0.1)
+    link.gone.add(link.server)
+    quiet_since = link.last_rx[link.client]
+    link.run(until=quiet_since + 10.0 + 5.0 - 0.01)
+    assert link.client.closed_event is None
+    link.run(until=quiet_since + 10.0 + 5.0)
+    closed = link.client.closed_event
+    assert closed is not None and closed.reason_phrase == "peer unresponsive"
 
 
 def test_answered_probes_keep_a_busy_connection_open(tls):

@@ -33,11 +33,11 @@ import importlib
 import os
 from types import ModuleType
 
-from ._common import (BUSY_PROBE_INTERVAL, CID_LENGTH, REQUEST_STREAMS, SUSPECT_GRACE, Header, encode_stateless_reset,
-                      encode_version_negotiation, parse_header_untrusted, stateless_reset_token)
+from ._common import (BUSY_DEAD_PEER_TIMEOUT, BUSY_PROBE_INTERVAL, CID_LENGTH, REQUEST_STREAMS, SUSPECT_GRACE, Header,
+                      encode_stateless_reset, encode_version_negotiation, parse_header_untrusted, stateless_reset_token)
 
-__all__ = ["BACKENDS", "load_backend", "available_backends", "BUSY_PROBE_INTERVAL", "SUSPECT_GRACE",
-           "REQUEST_STREAMS",
+__all__ = ["BACKENDS", "load_backend", "available_backends", "BUSY_DEAD_PEER_TIMEOUT", "BUSY_PROBE_INTERVAL",
+           "SUSPECT_GRACE", "REQUEST_STREAMS",
            "CID_LENGTH", "Header", "encode_stateless_reset", "encode_version_negotiation",
            "parse_header_untrusted", "stateless_reset_token"]
 

@@ -19,8 +19,15 @@ from typing import NamedTuple
 
 from ..protocol import AppErrorCode
 
-#: While requests are in flight, PING a peer that has been quiet this long (seconds).
-BUSY_PROBE_INTERVAL = 1.0
+#: While requests are in flight, PING a peer that has been quiet this long (seconds), or
+#: three smoothed RTTs if that is longer.
+BUSY_PROBE_INTERVAL = 0.5
+#: While requests are in flight, a PING unanswered this long, or sixteen smoothed RTTs if
+#: that is longer, means the peer is gone (capped at ``dead_peer_timeout``). The library
+#: retransmits a lost PING after a PTO (one RTT + 4 RTT variances + the ACK delay), so a live peer
+#: has four or five tries to answer: at 100 ms RTT and 2% loss, all lost is ~1e-7.
+BUSY_DEAD_PEER_TIMEOUT = 1.0
+BUSY_DEAD_PEER_RTTS = 16
 #: After a sign that the peer is gone (an ICMP unreachable), close unless something
 #: arrives from it within this long, or three smoothed RTTs if that is longer.
 SUSPECT_GRACE = 0.25
@@ -157,8 +164,16 @@ class Liveness:
             return None
         if self._probe_deadline is not None:
             return self._probe_deadline
-        quiet = BUSY_PROBE_INTERVAL if self.busy else self.keep_alive
-        return self._last_rx + quiet
+        if self.busy:
+            return self._last_rx + max(BUSY_PROBE_INTERVAL, 3 * (self._rtt() or 0.0))
+        return self._last_rx + self.keep_alive
+
+    def _probe_timeout(self) -> float:
+        """How long a PING may go unanswered: ``dead_peer_timeout`` for an idle connection,
+        less while requests are in flight (a visitor waits on them)."""
+        if not self.busy:
+            return self.dead_peer_timeout
+        return min(self.dead_peer_timeout, max(BUSY_DEAD_PEER_TIMEOUT, BUSY_DEAD_PEER_RTTS * (self._rtt() or 0.0)))
 
     def get_timer(self) -> float | None:
         timer_at = super().get_timer()
@@ -175,6 +190,6 @@ class Liveness:
         if self._probe_deadline is not None:
             self.close(error_code=AppErrorCode.SERVER_ERROR, reason_phrase=self._probe_reason)
         else:
-            self._probe_deadline = now + self.dead_peer_timeout
+            self._probe_deadline = now + self._probe_timeout()
             self._probe_reason = "peer unresponsive"
             self.send_ping(0)
