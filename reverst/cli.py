@@ -45,6 +45,14 @@ def _address(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _trusted_proxies(ctx, param, value):
+    from .forwarding import TrustedProxies
+    try:
+        return TrustedProxies.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _opt(*decls, env: str, **kwargs):
     return click.option(*decls, envvar=f"REVERST_{env}", show_envvar=True, **kwargs)
 
@@ -99,10 +107,13 @@ _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
 @_opt("--wait-for-tunnels", env="WAIT_FOR_TUNNELS", default="0s", show_default=True, callback=_duration,
       help="/readyz stays 503 until a first tunnel registered, at most this long after start (a "
            "replica behind a load balancer should not take public traffic before its clients found it).")
+@_opt("--trusted-proxies", env="TRUSTED_PROXIES", default=None, callback=_trusted_proxies,
+      help="Comma-separated addresses/CIDRs of the proxies in front that may set X-Forwarded-For/-Host/-Proto "
+           "(or 'none'); from any other peer they are dropped and rebuilt. Default: trusted from anyone, as Go.")
 def reverstd(log, log_format, access_log, tunnel_address, http_address, server_name, private_key_path,
              certificate_path, tunnel_groups, watch_groups, management_address, max_idle_timeout,
              keep_alive_period, max_datagram_size, quic_backend, drain_timeout, drain_delay, reuse_port,
-             wait_for_tunnels):
+             wait_for_tunnels, trusted_proxies):
     """Run the reverst tunnel server."""
     _setup_logging(log, log_format)
     import prometheus_client
@@ -126,7 +137,8 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
             server_name=server_name, tunnel_address=tunnel_address, http_address=http_address,
             management_address=management_address, max_idle_timeout=max_idle_timeout,
             keep_alive_period=keep_alive_period, access_log=access_log, max_datagram_size=max_datagram_size,
-            quic_backend=quic_backend, reuse_port=reuse_port, wait_for_tunnels=wait_for_tunnels)
+            quic_backend=quic_backend, reuse_port=reuse_port, wait_for_tunnels=wait_for_tunnels,
+            trusted_proxies=trusted_proxies)
     except ImportError as exc:  # --quic-backend qh3 without qh3 installed
         watcher.stop()
         raise click.ClickException(str(exc)) from None

@@ -23,6 +23,8 @@ import gevent.socket
 from . import auth, http1, protocol, websocket
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
+from .forwarding import TrustedProxies
+from .forwarding import rebuild as rebuild_forwarding
 from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
 from .http3 import H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
 from .logs import format_address
@@ -119,7 +121,8 @@ class TunnelServer:
                  max_datagram_size: int = 1452, access_log: bool = True,
                  quic_backend: str | None = None,
                  max_websockets_per_tunnel: int = MAX_WEBSOCKETS_PER_CONNECTION,
-                 reuse_port: bool = False, wait_for_tunnels: float = 0.0) -> None:
+                 reuse_port: bool = False, wait_for_tunnels: float = 0.0,
+                 trusted_proxies: TrustedProxies | None = None) -> None:
         #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
         #: answers 503 until :meth:`update_groups` is called)
         self.groups_loaded = gevent.event.Event()
@@ -155,6 +158,8 @@ class TunnelServer:
         self._slots: dict[Connection, gevent.lock.BoundedSemaphore] = {}
         self.max_websockets_per_tunnel = max_websockets_per_tunnel
         self.reuse_port = reuse_port
+        #: peers whose X-Forwarded-* headers count (default: anyone, as the Go reverstd)
+        self.trusted_proxies = trusted_proxies or TrustedProxies(None)
         #: /readyz waits (at most this long after start) for a first tunnel: a replica that
         #: took public traffic before its clients found it would answer 502s
         self.wait_for_tunnels = wait_for_tunnels
@@ -200,6 +205,11 @@ class TunnelServer:
         for group in self.groups.groups.values():
             if group.is_open:
                 logger.warning("tunnel group %r has no authentication: anyone can register", group.name)
+        if self.trusted_proxies.everyone:
+            logger.warning("X-Forwarded-For/-Host/-Proto are trusted from any public client (as the Go "
+                           "reverstd does); --trusted-proxies names the proxies that may set them")
+        else:
+            logger.info("forwarding headers trusted from %s only", self.trusted_proxies)
         logger.info("listening for tunnels on udp %s, public http on tcp %s (QUIC backend %s)",
                     format_address(self.tunnel_address), format_address(self.http_address), self.backend.NAME)
         self._trimmer = gevent.spawn(self._trim_memory)
@@ -410,6 +420,8 @@ class TunnelServer:
     # -- public HTTP ----------------------------------------------------------------------
     def _proxy(self, environ: dict, start_response):
         headers = environ["reverst.headers"]
+        if not self.trusted_proxies.trusts(environ.get("REMOTE_ADDR", "")):
+            headers = environ["reverst.headers"] = rebuild_forwarding(headers, "http")
         host = next((v for k, v in headers if k.lower() == "host"), "")
         route = next((v for k, v in headers if k.lower() == "x-forwarded-host"), None)
         if route is None:
