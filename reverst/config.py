@@ -11,6 +11,7 @@ when it is given no ``read_secret`` callback.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import yaml
 
 from .durations import parse_duration
 from .errors import ConfigError
+from .policy import Limits, VisitorPolicy
 
 BEARER_SOURCES = ("token", "tokenPath", "hashedToken", "hashedTokenPath")
 _SCHEME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
@@ -30,6 +32,8 @@ _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _MAX_SECRET_FILE = 64 * 1024
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 #: Kubernetes object names (DNS subdomains, RFC 1123) and data keys.
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _K8S_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
@@ -124,6 +128,10 @@ class Group:
     name: str
     hosts: tuple[str, ...] = ()
     strategies: tuple[Strategy, ...] = ()
+    #: who may use the group's public side and how much (``visitors:``)
+    visitors: VisitorPolicy = field(default_factory=VisitorPolicy)
+    #: tunnel connections the group takes at most (``maxTunnels:``; None: no limit)
+    max_tunnels: int | None = None
 
     @property
     def is_open(self) -> bool:
@@ -160,7 +168,7 @@ class GroupsConfig:
         """The token files (absolute paths) and ``k8s://secret/...`` refs this config read."""
         refs = []
         for group in self.groups.values():
-            for strategy in group.strategies:
+            for strategy in group.strategies + group.visitors.strategies:
                 if isinstance(strategy, BearerStrategy):
                     key, sep, ref = strategy.source.partition(":")
                     if sep and key.endswith("Path"):
@@ -310,10 +318,15 @@ class _Parser:
 
     def group(self, name: str, raw: Any) -> Group:
         path = f"groups.{_q(name)}"
-        raw = self.mapping(raw, path, ("hosts", "authentication"))
+        raw = self.mapping(raw, path, ("hosts", "authentication", "visitors", "maxTunnels"))
         hosts = self.hosts(raw.get("hosts"), f"{path}.hosts")
-        path += ".authentication"
-        auth = self.mapping(raw.get("authentication"), path, ("basic", "bearer", "external"))
+        strategies = self.strategies(raw.get("authentication"), f"{path}.authentication")
+        visitors = self.visitors(raw.get("visitors"), f"{path}.visitors")
+        max_tunnels = self.integer(raw, "maxTunnels", path, minimum=1)
+        return Group(name, hosts, strategies, visitors, max_tunnels)
+
+    def strategies(self, raw: Any, path: str) -> tuple[Strategy, ...]:
+        auth = self.mapping(raw, path, ("basic", "bearer", "external"))
         strategies: list[Strategy] = []
         for key, build in (("basic", self.basic), ("bearer", self.bearer), ("external", self.external)):
             if key in auth:
@@ -323,7 +336,72 @@ class _Parser:
             other = by_scheme.setdefault(strategy.scheme.lower(), strategy)
             if other is not strategy:
                 raise self.error(path, f"{other.name} and {strategy.name} both use scheme {_q(strategy.scheme)}")
-        return Group(name, hosts, tuple(strategies))
+        return tuple(strategies)
+
+    def visitors(self, raw: Any, path: str) -> VisitorPolicy:
+        raw = self.mapping(raw, path, ("allow", "deny", "authentication", "limits"))
+        allow = self.networks(raw.get("allow"), f"{path}.allow")
+        deny = self.networks(raw.get("deny"), f"{path}.deny")
+        for i, net in enumerate(deny):
+            if net in allow:
+                raise self.error(f"{path}.deny[{i}]", f"{net} is also in allow")
+        strategies = self.strategies(raw.get("authentication"), f"{path}.authentication")
+        path += ".limits"
+        lim = self.mapping(raw.get("limits"), path, ("concurrentRequests", "requestsPerSecond", "burst",
+                                                     "groupRequestsPerSecond", "groupBurst", "maxBodySize"))
+        for burst, rate in (("burst", "requestsPerSecond"), ("groupBurst", "groupRequestsPerSecond")):
+            if lim.get(burst) is not None and lim.get(rate) is None:
+                raise self.error(f"{path}.{burst}", f"needs {rate}")
+        limits = Limits(self.integer(lim, "concurrentRequests", path, minimum=1),
+                        self.rate(lim, "requestsPerSecond", path), self.integer(lim, "burst", path, minimum=1),
+                        self.rate(lim, "groupRequestsPerSecond", path), self.integer(lim, "groupBurst", path, minimum=1),
+                        self.size(lim, "maxBodySize", path))
+        return VisitorPolicy(allow, deny, strategies, limits)
+
+    def networks(self, value: Any, path: str) -> tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
+            raise self.error(path, "must be a list of addresses or CIDR networks (strings)")
+        nets: list = []
+        for i, entry in enumerate(value):
+            try:
+                net = ipaddress.ip_network(entry.strip())
+            except ValueError as exc:
+                reason = "has host bits set" if "host bits" in str(exc) else "is not an IP address or CIDR network"
+                raise self.error(f"{path}[{i}]", f"{_q(entry)} {reason}") from None
+            for other in nets:
+                if net.version == other.version and net.overlaps(other):
+                    raise self.error(f"{path}[{i}]", f"{net} overlaps {other}")
+            nets.append(net)
+        return tuple(nets)
+
+    def integer(self, raw: dict, key: str, path: str, minimum: int) -> int | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(f"{path}.{key}", f"must be a whole number of at least {minimum}")
+        return value
+
+    def rate(self, raw: dict, key: str, path: str) -> float | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+            raise self.error(f"{path}.{key}", "must be a number of requests per second above 0")
+        return float(value)
+
+    def size(self, raw: dict, key: str, path: str) -> int | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        m = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if m is None:
+            raise self.error(f"{path}.{key}", "must be a size in bytes, such as 1048576, 512KiB, 10MB or 1GiB")
+        return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
     def hosts(self, value: Any, path: str) -> tuple[str, ...]:
         if value is None:

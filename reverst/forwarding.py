@@ -67,3 +67,17 @@ def rebuild(headers: list[tuple[str, str]], scheme: str) -> list[tuple[str, str]
     kept = [(k, v) for k, v in headers if k.lower() not in FORWARDING_HEADERS]
     kept.append(("X-Forwarded-Proto", scheme))
     return kept
+
+
+def visitor_address(headers: list[tuple[str, str]], peer: str, trusted: TrustedProxies) -> str:
+    """The address a visitor policy judges: the peer's own, unless the peer is a proxy
+    named in ``--trusted-proxies``; then the nearest ``X-Forwarded-For`` hop that is not
+    one of them (an unlisted "trust anyone" counts nobody: a visitor must not be able to
+    choose the address that allow/deny and rate limits see)."""
+    if trusted.everyone or not trusted.trusts(peer):
+        return peer
+    hops = [hop.strip() for k, v in headers if k.lower() == "x-forwarded-for" for hop in v.split(",")]
+    for hop in reversed(hops):
+        if hop and not trusted.trusts(hop):
+            return hop
+    return hops[0] if hops and hops[0] else peer

@@ -5,7 +5,7 @@
 * ``/readyz``: 200 once the listeners are bound and the tunnel groups are loaded, else 503
   with the reason (readiness: keep traffic away until then, and while shutting down).
 * ``/status``: JSON: each group with its hosts, authentication strategy names (never a
-  secret), connected tunnels (peer, connected since, requests served, in flight, RTT,
+  secret), its visitor policy in words, ``maxTunnels``, connected tunnels (peer, connected since, requests served, in flight, RTT,
   lost packets) and recent request rate.
 * ``/``: a self-contained HTML page (inline CSS and JS, no external asset) that polls
   ``status`` every 2 seconds.
@@ -118,6 +118,8 @@ class ManagementApp:
                 "hosts": list(group.hosts),
                 "authentication": [{"strategy": s.name, "scheme": s.scheme} for s in group.strategies],
                 "open": group.is_open,
+                "visitors": group.visitors.describe(),
+                "max_tunnels": group.max_tunnels,
                 "requests_total": stats.requests if stats else 0,
                 "request_rate": round(stats.rate.rate(), 2) if stats else 0.0,
                 "tunnels": tunnels,
@@ -211,7 +213,9 @@ function render(st) {
     s.appendChild(h);
     s.appendChild(el("div", "hosts: " + (g.hosts.length ? g.hosts.join(", ") : "(none)"), "meta"));
     s.appendChild(el("div", "authentication: " + (g.open ? "none (anyone may register)" :
-      g.authentication.map(function (a) { return a.strategy + " (" + a.scheme + ")"; }).join(", ")), "meta"));
+      g.authentication.map(function (a) { return a.strategy + " (" + a.scheme + ")"; }).join(", ")) +
+      (g.max_tunnels ? " \u00b7 at most " + g.max_tunnels + " tunnels" : ""), "meta"));
+    s.appendChild(el("div", "visitors: " + g.visitors, "meta"));
     s.appendChild(el("div", g.requests_total + " requests, " + g.request_rate.toFixed(2) +
                      " req/s over the last " + st.rate_window_seconds + " s", "meta"));
     if (g.tunnels.length) {

@@ -46,7 +46,7 @@ LATENCY_BUCKETS_MS = (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000
 UNKNOWN_LABEL_LIMIT = 100
 OTHER = "other"
 #: Registration failure reasons kept as label values; anything else is "error".
-FAILURE_REASONS = ("unauthorized", "not found", "bad request", "timeout", "closed", "internal error")
+FAILURE_REASONS = ("unauthorized", "not found", "bad request", "timeout", "closed", "internal error", "group full")
 #: Seconds over which the status page's request rate is averaged.
 RATE_WINDOW = 10
 
@@ -145,7 +145,7 @@ class ServerMetrics:
         self.registration_failures = Counter(
             "reverst_registration_failures_total",
             "Failed tunnel registrations by reason (unauthorized, not found, bad request, timeout, "
-            "closed, internal error)", ["reason"], registry=registry)
+            "closed, internal error, group full)", ["reason"], registry=registry)
         self.bytes_in = Counter(
             "reverst_tunnel_group_received_bytes_total",
             "Request body bytes received from public clients and sent into the group's tunnels",
@@ -161,6 +161,11 @@ class ServerMetrics:
             "reverst_tunnel_group_websocket_bytes_total",
             "WebSocket bytes carried through the group's tunnels, by direction (in: from public "
             "clients, out: to them)", ["tunnel_group", "direction"], registry=registry)
+        self.visitor_refusals = Counter(
+            "reverst_tunnel_group_visitor_refusals_total",
+            "Public requests refused by the group's visitor policy, by reason (denied, unauthorized, "
+            "rate_limited, group_rate_limited, concurrency, body_too_large)", ["tunnel_group", "reason"],
+            registry=registry)
         #: lost packets of the tunnels that closed, by group (live ones are read at scrape time)
         self.lost_packets_closed: dict[str, int] = {}
         self.reloads = Counter(
@@ -195,6 +200,9 @@ class ServerMetrics:
         if error is not None:
             self.registration_failures.labels(error).inc()
 
+    def visitor_refused(self, group: str, reason: str) -> None:
+        self.visitor_refusals.labels(self._groups(group, True), reason).inc()
+
     def tunnel_registered(self, conn, group: str, peer: str) -> None:
         self.tunnels[conn] = TunnelStats(group, peer, getattr(conn, "connected_at", time.time()), conn.quic)
 
@@ -222,6 +230,9 @@ class ServerMetrics:
         return PublicRequests(app, self)
 
     def request_done(self, environ: dict, code: int, sent: int, received: int, started: float) -> None:
+        done = environ.pop("reverst.done", None)  # the server's own end-of-request hook (in-flight counts)
+        if done is not None:
+            done()
         elapsed_ms = (self.clock() - started) * 1000.0
         self.requests_total += 1
         group = environ.get("reverst.group")

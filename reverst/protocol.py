@@ -42,6 +42,8 @@ class ResponseCode(enum.IntEnum):
 REASON_UNAUTHORIZED = "unauthorized"
 REASON_BAD_REQUEST = "bad request"
 REASON_NOT_FOUND = "not found"
+#: Ours, not Go's: a group at its maxTunnels (sent with code 0x1, so clients retry).
+REASON_GROUP_FULL = "tunnel group full"
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ import gevent.socket
 from . import auth, http1, protocol, websocket
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
-from .forwarding import TrustedProxies
+from .forwarding import TrustedProxies, visitor_address
 from .forwarding import rebuild as rebuild_forwarding
+from .policy import Gate
 from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError, ServerError, StreamReset
 from .http3 import H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
 from .logs import format_address
@@ -45,6 +46,23 @@ SETTINGS_WAIT = 2.0
 #: After one direction of a WebSocket ended cleanly, how long the other may go on.
 WEBSOCKET_HALF_CLOSED = 30.0
 CHUNK = 64 * 1024
+
+
+class _LimitedBody:
+    """A chunked request body that may not grow past ``limit`` bytes: reading past it is
+    a 413 for the visitor (and a reset request stream for the tunnel)."""
+    __slots__ = ("_body", "_left", "_limit", "_exceeded")
+
+    def __init__(self, body, limit: int, exceeded) -> None:
+        self._body, self._left, self._limit, self._exceeded = body, limit, limit, exceeded
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._body.read(size if 0 <= size <= self._left + 1 else self._left + 1)
+        self._left -= len(data)
+        if self._left < 0:
+            self._exceeded()
+            raise http1.BadRequest(f"request body larger than {self._limit} bytes", 413)
+        return data
 
 
 class _Tunnels:
@@ -160,6 +178,10 @@ class TunnelServer:
         self.reuse_port = reuse_port
         #: peers whose X-Forwarded-* headers count (default: anyone, as the Go reverstd)
         self.trusted_proxies = trusted_proxies or TrustedProxies(None)
+        #: each group's visitor policy at work (reverst.policy), kept across reloads
+        self._gates: dict[str, Gate] = {}
+        #: registrations past their checks, not yet in the group (maxTunnels counts them)
+        self._joining: dict[str, int] = {}
         #: /readyz waits (at most this long after start) for a first tunnel: a replica that
         #: took public traffic before its clients found it would answer 502s
         self.wait_for_tunnels = wait_for_tunnels
@@ -308,6 +330,7 @@ class TunnelServer:
             self.metrics.reloaded()
         self.groups_loaded.set()
         for name in set(old.groups) - set(groups.groups):
+            self._gates.pop(name, None)
             tunnels = self._tunnels.pop(name, None)
             for conn in list(tunnels.connections) if tunnels else []:
                 conn.close(protocol.AppErrorCode.OK, "tunnel group removed")
@@ -334,6 +357,22 @@ class TunnelServer:
         gevent.spawn(self._register, conn)
 
     def _register(self, conn: Connection) -> None:
+        joining: list[str] = []  # the group whose maxTunnels this registration holds a place in
+        try:
+            self._join(conn, joining)
+        finally:
+            for name in joining:
+                self._joining[name] -= 1
+
+    def _check_room(self, group) -> None:
+        """maxTunnels: a full group refuses with 0x1 (clients retry later, as after a timeout)."""
+        if group.max_tunnels is None:
+            return
+        present = len(self.connections(group.name)) + self._joining.get(group.name, 0)
+        if present >= group.max_tunnels:
+            raise ServerError(f"{protocol.REASON_GROUP_FULL} ({group.max_tunnels} tunnels)")
+
+    def _join(self, conn: Connection, joining: list[str]) -> None:
         peer = format_address(conn.peer)
         group_name = None
         timed_out = ServerError("registration timed out")  # 0x1: the client may retry
@@ -354,6 +393,9 @@ class TunnelServer:
                 if group is None:
                     raise NotFound(f"tunnel group {group_name!r} not found")
                 strategy = auth.authenticate(group, request.metadata, external_check=self._external_check)
+                self._check_room(group)
+                self._joining[group_name] = self._joining.get(group_name, 0) + 1
+                joining.append(group_name)
                 stream.write(protocol.encode_response(), end=True)
                 stream.finish(stop_reading=False)  # the client FINs when it likes
         except ConnectionClosed as exc:
@@ -362,7 +404,9 @@ class TunnelServer:
             return
         except (ReverstError, gevent.queue.Empty) as exc:
             code, reason = protocol.close_for_error(exc)
-            self.metrics.registration(group_name, "timeout" if exc is timed_out else reason,
+            label = "timeout" if exc is timed_out else "group full" if reason.startswith(protocol.REASON_GROUP_FULL) \
+                else reason
+            self.metrics.registration(group_name, label,
                                       known_group=group_name in self.groups.groups)
             log = logger.debug if isinstance(exc, NotFound) else logger.info
             log("registration from %s rejected (group %r): %s", peer, group_name, exc)
@@ -435,6 +479,11 @@ class TunnelServer:
                 ("X-Content-Type-Options", "nosniff"), ("Content-Length", "12")])
             return [b"bad gateway\n"]
         environ["reverst.group"] = group.name
+        refused = self._admit(group, environ, headers, start_response)
+        if refused is not None:
+            return refused
+        if group.visitors.strategies:  # the visitor's credentials were for us, not for the app
+            headers = environ["reverst.headers"] = [(k, v) for k, v in headers if k.lower() != "authorization"]
         tunnels = self._tunnels.get(group.name)
         if websocket.is_upgrade(headers):
             return self._websocket(tunnels, group.name, environ, headers, host, start_response)
@@ -451,6 +500,37 @@ class TunnelServer:
                 return result
             # Refused unprocessed by a stopping tunnel client (H3_REQUEST_REJECTED), or a
             # safe request whose tunnel died before answering: the next tunnel takes it.
+
+    def _admit(self, group, environ: dict, headers, start_response):
+        """The group's visitor policy (reverst.policy): None if the request may go on
+        (counted in flight until its response is done), else the refusal sent."""
+        gate = self._gates.get(group.name)
+        if gate is None:
+            gate = self._gates[group.name] = Gate(group.visitors, group.name)
+        elif gate.policy is not group.visitors:  # (a reload gave the group a new policy)
+            gate.configure(group.visitors)
+        length = environ.get("CONTENT_LENGTH")
+        refusal = gate.admit(visitor_address(headers, environ.get("REMOTE_ADDR", ""), self.trusted_proxies),
+                             next((v for k, v in headers if k.lower() == "authorization"), None),
+                             int(length) if length is not None else None, time.monotonic(),
+                             self._authenticate_visitor)
+        if refusal is not None:
+            self.metrics.visitor_refused(group.name, refusal.reason)
+            return self._refuse(start_response, refusal.status, refusal.message, refusal.headers)
+        gate.in_flight += 1
+
+        def done():
+            gate.in_flight -= 1
+        environ["reverst.done"] = done
+        max_body = group.visitors.limits.max_body_size
+        if max_body is not None and environ.get("HTTP_TRANSFER_ENCODING"):  # (a Content-Length was checked)
+            environ["wsgi.input"] = _LimitedBody(environ["wsgi.input"], max_body,
+                                                 lambda: self.metrics.visitor_refused(group.name, "body_too_large"))
+        return None
+
+    def _authenticate_visitor(self, policy, authorization: str | None) -> None:
+        auth.authenticate(policy, {"Authorization": authorization} if authorization is not None else None,
+                          external_check=self._external_check)
 
     @staticmethod
     def _empty_502(start_response):

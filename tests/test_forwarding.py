@@ -114,3 +114,14 @@ def test_a_bad_trusted_proxies_value_is_a_one_line_error(certs, groups_file):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "'10.0.0.0/33' is not an IP address or CIDR network" in done.stderr.strip().splitlines()[-1]
+
+
+def test_the_visitor_address_behind_trusted_proxies_is_the_nearest_untrusted_hop():
+    from reverst.forwarding import visitor_address
+    trusted = TrustedProxies.parse("10.0.0.0/8")
+    xff = [("X-Forwarded-For", "198.51.100.7, 203.0.113.9"), ("x-forwarded-for", "10.1.1.1")]
+    assert visitor_address(xff, "10.0.0.2", trusted) == "203.0.113.9"  # the proxies' own hops skipped
+    assert visitor_address(xff, "192.0.2.1", trusted) == "192.0.2.1"  # not a proxy: its own address
+    assert visitor_address([("X-Forwarded-For", "10.1.1.1")], "10.0.0.2", trusted) == "10.1.1.1"
+    assert visitor_address([], "10.0.0.2", trusted) == "10.0.0.2"
+    assert visitor_address(xff, "10.0.0.2", TrustedProxies.parse(None)) == "10.0.0.2"  # "anyone": no one here
