@@ -29,7 +29,7 @@ import gevent.queue
 import gevent.socket
 
 from .errors import ConnectionClosed, StreamReset
-from .http3 import H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
+from .http3 import H3_ERROR_NAMES, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
 from .logs import format_address
 from .protocol import AppErrorCode
 from .quic import (CID_LENGTH, encode_stateless_reset, encode_version_negotiation, load_backend,
@@ -692,9 +692,10 @@ class Connection:
     def _mark_closed(self, event) -> None:
         if self.close_reason is not None:
             return
-        self.close_reason = ConnectionClosed(
-            event.reason_phrase or "connection closed", event.error_code,
-            application=event.frame_type is None)
+        application = event.frame_type is None
+        # (the HTTP/3 layers close for QPACK and frame errors without a reason phrase)
+        reason = event.reason_phrase or (H3_ERROR_NAMES.get(event.error_code) if application else None)
+        self.close_reason = ConnectionClosed(reason or "connection closed", event.error_code, application=application)
         self.closed.set()
         for stream in list(self._raw.values()) + list(self._h3streams.values()):
             stream._fail(self.close_reason)

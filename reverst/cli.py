@@ -107,15 +107,23 @@ _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
 @_opt("--wait-for-tunnels", env="WAIT_FOR_TUNNELS", default="0s", show_default=True, callback=_duration,
       help="/readyz stays 503 until a first tunnel registered, at most this long after start (a "
            "replica behind a load balancer should not take public traffic before its clients found it).")
+@_opt("--https-address", env="HTTPS_ADDRESS", default=None, callback=_address,
+      help="TCP address for public HTTPS (off by default). Certificates: --https-certificate-path/"
+           "--https-private-key-path for any name, and a group's own tls: chosen by SNI.")
+@_opt("--https-certificate-path", env="HTTPS_CERTIFICATE_PATH", default=None,
+      type=click.Path(exists=True, dir_okay=False), help="PEM certificate (chain) of the HTTPS listener.")
+@_opt("--https-private-key-path", env="HTTPS_PRIVATE_KEY_PATH", default=None,
+      type=click.Path(exists=True, dir_okay=False), help="PEM private key of --https-certificate-path.")
 @_opt("--trusted-proxies", env="TRUSTED_PROXIES", default=None, callback=_trusted_proxies,
       help="Comma-separated addresses/CIDRs of the proxies in front that may set X-Forwarded-For/-Host/-Proto "
            "(or 'none'); from any other peer they are dropped and rebuilt. Default: trusted from anyone, as Go.")
 def reverstd(log, log_format, access_log, tunnel_address, http_address, server_name, private_key_path,
              certificate_path, tunnel_groups, watch_groups, management_address, max_idle_timeout,
              keep_alive_period, max_datagram_size, quic_backend, drain_timeout, drain_delay, reuse_port,
-             wait_for_tunnels, trusted_proxies):
+             wait_for_tunnels, https_address, https_certificate_path, https_private_key_path, trusted_proxies):
     """Run the reverst tunnel server."""
     _setup_logging(log, log_format)
+    https_certificate = _https_certificate(https_address, https_certificate_path, https_private_key_path)
     import prometheus_client
     prometheus_client.disable_created_metrics()  # no *_created series: the Go server has none
     from .server import TunnelServer
@@ -138,7 +146,7 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
             management_address=management_address, max_idle_timeout=max_idle_timeout,
             keep_alive_period=keep_alive_period, access_log=access_log, max_datagram_size=max_datagram_size,
             quic_backend=quic_backend, reuse_port=reuse_port, wait_for_tunnels=wait_for_tunnels,
-            trusted_proxies=trusted_proxies)
+            trusted_proxies=trusted_proxies, https_address=https_address, https_certificate=https_certificate)
     except ImportError as exc:  # --quic-backend qh3 without qh3 installed
         watcher.stop()
         raise click.ClickException(str(exc)) from None
@@ -157,6 +165,22 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
         server.serve_forever()
     finally:
         watcher.stop()
+
+
+def _https_certificate(address, certificate, key) -> tuple[str, str] | None:
+    """The HTTPS listener's default certificate pair, checked now (one line if it is bad)."""
+    if (certificate is None) != (key is None):
+        raise click.UsageError("--https-certificate-path and --https-private-key-path go together")
+    if certificate is None:
+        return None
+    if address is None:
+        raise click.UsageError("--https-certificate-path needs --https-address")
+    from .tls import describe_error, server_context
+    try:
+        server_context(certificate, key)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(describe_error(exc), param_hint="--https-private-key-path") from None
+    return certificate, key
 
 
 def _load_in_background(watcher, server, watch: bool, interval: float = 2.0) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ def read_secret_file(path: str) -> bytes:
             data = f.read(_MAX_SECRET_FILE + 1)
     except OSError as exc:
         raise SecretUnavailable(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL byte or a lone surrogate in the path
+        raise SecretUnavailable(f"cannot read {_q(path)}: not a valid path") from exc
     if len(data) > _MAX_SECRET_FILE:
         raise SecretUnavailable(f"file {path} is larger than {_MAX_SECRET_FILE} bytes")
     return data
@@ -124,6 +127,14 @@ Strategy = Union[BasicStrategy, BearerStrategy, ExternalStrategy]
 
 
 @dataclass(frozen=True)
+class GroupTLS:
+    certificate: str   # absolute paths, checked to load together when the config was read
+    private_key: str
+    #: plain HTTP requests for the group's hosts are redirected (308) to HTTPS
+    redirect_http: bool = False
+
+
+@dataclass(frozen=True)
 class Group:
     name: str
     hosts: tuple[str, ...] = ()
@@ -132,6 +143,8 @@ class Group:
     visitors: VisitorPolicy = field(default_factory=VisitorPolicy)
     #: tunnel connections the group takes at most (``maxTunnels:``; None: no limit)
     max_tunnels: int | None = None
+    #: the HTTPS listener's certificate for the group's hosts (``tls:``), if its own
+    tls: GroupTLS | None = None
 
     @property
     def is_open(self) -> bool:
@@ -240,7 +253,43 @@ def local_path(source: str) -> str | None:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+    """SafeLoader that rejects duplicate keys instead of keeping the last one, documents
+    nested deeper than any groups file (PyYAML's composer recurses), lone surrogates
+    (``"\\ud800"``) and values its own constructors fail on with other errors than
+    YAMLError (``!!int x``, ``2001-02-30``): each a YAML error with its line and column."""
+
+    MAX_DEPTH = 64
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > self.MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {self.MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            value = super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            tag = node.tag.rpartition(":")[2]
+            shown = f" {_q(node.value[:40])}" if isinstance(node.value, str) else ""
+            raise yaml.constructor.ConstructorError(None, None, f"invalid {tag}{shown}", node.start_mark) from exc
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise yaml.constructor.ConstructorError(None, None, "a string with a lone surrogate (not text)",
+                                                        node.start_mark) from None
+        return value
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -318,12 +367,41 @@ class _Parser:
 
     def group(self, name: str, raw: Any) -> Group:
         path = f"groups.{_q(name)}"
-        raw = self.mapping(raw, path, ("hosts", "authentication", "visitors", "maxTunnels"))
+        raw = self.mapping(raw, path, ("hosts", "authentication", "visitors", "maxTunnels", "tls"))
         hosts = self.hosts(raw.get("hosts"), f"{path}.hosts")
         strategies = self.strategies(raw.get("authentication"), f"{path}.authentication")
         visitors = self.visitors(raw.get("visitors"), f"{path}.visitors")
         max_tunnels = self.integer(raw, "maxTunnels", path, minimum=1)
-        return Group(name, hosts, strategies, visitors, max_tunnels)
+        tls = self.tls(raw["tls"], f"{path}.tls") if raw.get("tls") is not None else None
+        return Group(name, hosts, strategies, visitors, max_tunnels, tls)
+
+    def tls(self, raw: Any, path: str) -> GroupTLS:
+        from .tls import describe_error, server_context
+        raw = self.mapping(raw, path, ("certificate", "privateKey", "redirectHttp"))
+        paths = []
+        for key in ("certificate", "privateKey"):
+            value = self.string(raw, key, path)
+            if value.startswith("file://"):
+                value = value[len("file://"):]
+            elif _URL_SCHEME.match(value):
+                raise self.error(f"{path}.{key}", "must be a local path or file:///path")
+            paths.append(os.path.abspath(os.path.join(self.base_dir, value)))
+        redirect = raw.get("redirectHttp", False)
+        if not isinstance(redirect, bool):
+            raise self.error(f"{path}.redirectHttp", "must be true or false")
+        for key, file in zip(("certificate", "privateKey"), paths):
+            try:
+                with open(file, "rb"):
+                    pass
+            except (OSError, ValueError) as exc:  # (ValueError: a NUL in the path)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a valid path"
+                raise self.error(f"{path}.{key}", f"cannot read {_q(file)}: {reason}") from None
+        try:
+            server_context(*paths)
+        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+            mismatch = "KEY_VALUES_MISMATCH" in str(exc)
+            raise self.error(f"{path}.privateKey" if mismatch else path, describe_error(exc)) from None
+        return GroupTLS(paths[0], paths[1], redirect)
 
     def strategies(self, raw: Any, path: str) -> tuple[Strategy, ...]:
         auth = self.mapping(raw, path, ("basic", "bearer", "external"))
@@ -399,9 +477,10 @@ class _Parser:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
         m = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
-        if m is None:
+        size = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()] if m else math.nan
+        if not 0 <= size < 2**63:
             raise self.error(f"{path}.{key}", "must be a size in bytes, such as 1048576, 512KiB, 10MB or 1GiB")
-        return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        return int(size)
 
     def hosts(self, value: Any, path: str) -> tuple[str, ...]:
         if value is None:

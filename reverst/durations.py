@@ -7,8 +7,9 @@ from decimal import Decimal
 
 _UNITS = {unit: Decimal(value) for unit, value in
           {"ns": "1e-9", "us": "1e-6", "µs": "1e-6", "μs": "1e-6", "ms": "1e-3", "s": 1, "m": 60, "h": 3600}.items()}
-# Longer units first so "ms" is not read as "m" followed by a stray "s".
-_TERM = r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)"
+# Longer units first so "ms" is not read as "m" followed by a stray "s".  A number can
+# be split only one way ("12" is never "1" then "2"): backtracking stays linear.
+_TERM = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)"
 _DURATION = re.compile(rf"[-+]?(?:{_TERM})+")
 _MAX_SECONDS = (2**63 - 1) / 1e9
 

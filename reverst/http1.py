@@ -45,6 +45,8 @@ MAX_FIELDS = 100
 IDLE_TIMEOUT = 75.0
 #: Seconds from the first byte of a request head to its end (slow-loris clients): 408
 HEAD_TIMEOUT = 30.0
+#: Seconds an HTTPS client has for its TLS handshake.
+HANDSHAKE_TIMEOUT = 10.0
 #: After an early response, how long (and how much) to read a body nobody wants before
 #: closing, so the client sees the response rather than a reset
 LINGER_SECONDS = 2.0
@@ -141,6 +143,9 @@ class RequestParser:
         self.parsing: Request | None = None      # the request being filled in
         self.head_bytes = 0                      # bytes fed while a head was incomplete
         self.in_head = True
+        #: bytes fed in a body since its last body bytes came out: chunk lines and the
+        #: trailer section, which llhttp buffers whole (bounded like a head)
+        self.framing_bytes = 0
         self.error: BadRequest | None = None
 
     def feed(self, data: bytes) -> None:
@@ -151,6 +156,8 @@ class RequestParser:
             if self.head_bytes > MAX_HEAD:
                 self.error = BadRequest("request head too large", 431)
                 raise self.error
+        else:
+            self.framing_bytes += len(data)  # (on_body() sets it back to 0)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -166,6 +173,9 @@ class RequestParser:
         except httptools.HttpParserError as exc:
             self.error = BadRequest(f"malformed request: {exc}")
             raise self.error from None
+        if self.framing_bytes > MAX_HEAD:
+            self.error = BadRequest("request trailer fields (or a chunk line) too large", 431)
+            raise self.error
 
     @property
     def head_started(self) -> bool:
@@ -194,6 +204,7 @@ class RequestParser:
         req, parser = self.parsing, self._parser
         self.in_head = False
         self.head_bytes = 0
+        self.framing_bytes = 0
         req.method = parser.get_method().decode("latin-1")
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
@@ -220,11 +231,13 @@ class RequestParser:
         self.requests.append(req)
 
     def on_body(self, body: bytes) -> None:
+        self.framing_bytes = 0
         self.parsing.chunks.append(body)
 
     def on_message_complete(self) -> None:
         self.parsing.complete = True
         self.in_head = True
+        self.framing_bytes = 0
 
 
 class _Connection:
@@ -346,6 +359,7 @@ class _Connection:
             "reverst.raw_path": req.target.decode("latin-1"),
             "reverst.headers": req.fields,
             "wsgi.input": req,
+            "wsgi.url_scheme": self.front.scheme if self.front is not None else "http",
         }
         if req.length is not None:
             environ["CONTENT_LENGTH"] = req.length
@@ -551,8 +565,11 @@ class Front:
     small requests), the owner calls :meth:`sweep` every second or so.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, *, ssl_context=None) -> None:
         self.app = app
+        #: HTTPS: sockets are wrapped with it and the handshake done before the first request
+        self.ssl_context = ssl_context
+        self.scheme = "https" if ssl_context is not None else "http"
         self.connections: set[_Connection] = set()
         #: set by :meth:`drain`: responses close their connection, idle ones close now
         self.draining = False
@@ -580,6 +597,11 @@ class Front:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if self.ssl_context is not None:
+            tls = self._handshake(sock, address)
+            if tls is None:
+                return
+            sock = tls
         conn = _Connection(sock, address, self.app, self)
         self.connections.add(conn)
         try:
@@ -587,6 +609,19 @@ class Front:
         finally:
             self.connections.discard(conn)
             sock.close()
+
+    def _handshake(self, sock, address):
+        """The TLS socket once its handshake is done (within HANDSHAKE_TIMEOUT), or None."""
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            tls = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            tls.do_handshake()
+            tls.settimeout(None)
+            return tls
+        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+            logger.debug("TLS handshake with %s failed: %s", address[0] if address else "?", exc)
+            sock.close()
+            return None
 
     def sweep(self, now: float | None = None) -> None:
         """Close connections silent for IDLE_TIMEOUT (or not reading our response for

@@ -10,6 +10,7 @@ and tests/test_http3.py runs on both.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 #: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, Go's list).
@@ -32,6 +33,29 @@ H3_INTERNAL_ERROR = 0x102
 H3_REQUEST_REJECTED = 0x10B
 H3_REQUEST_CANCELLED = 0x10C
 H3_MESSAGE_ERROR = 0x10E
+#: RFC 9114 §8.1 and RFC 9204 §6: names for the log when a close carries no reason phrase.
+H3_ERROR_NAMES = {
+    0x100: "H3_NO_ERROR", 0x101: "H3_GENERAL_PROTOCOL_ERROR", 0x102: "H3_INTERNAL_ERROR",
+    0x103: "H3_STREAM_CREATION_ERROR", 0x104: "H3_CLOSED_CRITICAL_STREAM", 0x105: "H3_FRAME_UNEXPECTED",
+    0x106: "H3_FRAME_ERROR", 0x107: "H3_EXCESSIVE_LOAD", 0x108: "H3_ID_ERROR", 0x109: "H3_SETTINGS_ERROR",
+    0x10A: "H3_MISSING_SETTINGS", 0x10B: "H3_REQUEST_REJECTED", 0x10C: "H3_REQUEST_CANCELLED",
+    0x10D: "H3_REQUEST_INCOMPLETE", 0x10E: "H3_MESSAGE_ERROR", 0x10F: "H3_CONNECT_ERROR",
+    0x110: "H3_VERSION_FALLBACK", 0x200: "QPACK_DECOMPRESSION_FAILED", 0x201: "QPACK_ENCODER_STREAM_ERROR",
+    0x202: "QPACK_DECODER_STREAM_ERROR",
+}
+
+SETTINGS_MAX_FIELD_SECTION_SIZE = 0x6  # RFC 9114 §7.2.4.1
+#: The largest response field section reverstd takes from a tunnel, by RFC 9114 §4.2.2's
+#: measure (each field's name and value plus 32 bytes); it says so in its SETTINGS. A
+#: HEADERS frame is bounded to as much encoded, on either side: a bigger one fails its
+#: request before it is buffered. (Both QPACK libraries refuse a string of 64 KiB or more
+#: as a decompression failure, a connection error: this bound keeps every literal under it.
+#: Only a Huffman string that inflates past it still closes the connection.)
+MAX_FIELD_SECTION_SIZE = 64 * 1024
+MAX_HEADERS_FRAME = MAX_FIELD_SECTION_SIZE
+_FIELD_NAME = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+")  # an RFC 9110 token, lower-case
+_FIELD_VALUE_BREAK = re.compile(rb"[\x00\r\n]")  # would end the field in HTTP/1.1
+_CONNECTION_SPECIFIC_NAMES = frozenset(name.encode() for name in CONNECTION_SPECIFIC)
 
 
 def stream_is_unidirectional(stream_id: int) -> bool:
@@ -49,11 +73,15 @@ class ReversedRoles:
     ``http_client=False`` on the QUIC client (the tunnel client answers them).
 
     The backend's subclass sets ``_stream_class`` (its library's H3Stream),
-    ``_message_error`` (its MessageError) and :meth:`_no_dynamic_table_decoder`.
+    ``_message_error`` (its MessageError), ``_stream_errors`` (what fails just one
+    message: MessageError and its "field section too large", where it has one) and
+    :meth:`_no_dynamic_table_decoder`, and bounds an encoded HEADERS frame to
+    MAX_HEADERS_FRAME before it is buffered.
     """
 
     _stream_class: type
     _message_error: type
+    _stream_errors: tuple
 
     def __init__(self, quic, *, http_client: bool) -> None:
         self._http_client = http_client
@@ -70,6 +98,8 @@ class ReversedRoles:
         # H3Connection.__init__ sets the capacities and its decoder just before this call;
         # the SETTINGS sent below are built from these attributes.
         self._max_table_capacity = self._blocked_streams = 0
+        if self._http_client:  # (qh3's decoder enforces it; aioquic's: _check_response)
+            self._max_field_section_size = MAX_FIELD_SECTION_SIZE
         self._decoder = self._no_dynamic_table_decoder()
         super()._init_connection()
 
@@ -78,7 +108,9 @@ class ReversedRoles:
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
-        if not self._http_client:  # the tunnel client: it serves WebSockets (reverst.websocket)
+        if self._http_client:
+            settings[SETTINGS_MAX_FIELD_SECTION_SIZE] = MAX_FIELD_SECTION_SIZE
+        else:  # the tunnel client: it serves WebSockets (reverst.websocket)
             settings[SETTINGS_ENABLE_CONNECT_PROTOCOL] = 1
             settings[SETTINGS_REVERST_FEATURES] = FEATURE_WEBSOCKET
         return settings
@@ -128,11 +160,63 @@ class ReversedRoles:
         if stream.stream_id in self.malformed:
             return []
         try:
-            return super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended,
-                                                         **kwargs)
-        except self._message_error as exc:
-            self.malformed[stream.stream_id] = exc.reason_phrase
+            events = super()._handle_request_or_push_frame(frame_type, frame_data, stream, stream_ended,
+                                                           **kwargs)
+            if self._http_client and frame_type == 0x1:  # HEADERS: a response, or its trailers
+                for event in events:  # (qh3 has an event of its own for 1xx: no stream_ended)
+                    headers = getattr(event, "headers", None)
+                    if headers is not None:
+                        self._check_response(headers, getattr(event, "stream_ended", False))
+            return events
+        except self._stream_errors as exc:
+            self._malformed(stream.stream_id, exc)
             return []
+
+    def _receive_request_or_push_data(self, stream, data: bytes, stream_ended: bool):
+        # What a frame's header already rules out (a HEADERS frame too large) fails its
+        # stream here, as do frames of a stream found malformed (they are dropped).
+        if stream.stream_id in self.malformed:
+            return []
+        try:
+            return super()._receive_request_or_push_data(stream, data, stream_ended)
+        except self._stream_errors as exc:
+            self._malformed(stream.stream_id, exc)
+            return []
+
+    def _malformed(self, stream_id: int, exc: Exception) -> None:
+        if isinstance(exc, self._message_error):
+            self.malformed[stream_id] = exc.reason_phrase
+        else:  # the library's own limit on field sections
+            self.malformed[stream_id] = (f"header section too large (more than {MAX_FIELD_SECTION_SIZE} bytes, "
+                                         f"or a HEADERS frame over {MAX_HEADERS_FRAME})")
+
+    def _check_response(self, headers, ended: bool) -> None:
+        """What a response (or its trailers) must also be before reverstd relays it to an
+        HTTP/1.1 visitor, where the libraries check less (qh3: no values, no status range,
+        no repeated Content-Length; aioquic: no section size): the library's MessageError."""
+        size = 32 * len(headers) + sum(len(name) + len(value) for name, value in headers)
+        if size > MAX_FIELD_SECTION_SIZE:
+            raise self._message_error(f"header section too large ({size} bytes, more than {MAX_FIELD_SECTION_SIZE})")
+        status = None
+        lengths = set()
+        for name, value in headers:
+            if not _FIELD_NAME.fullmatch(name):
+                raise self._message_error(f"invalid field name {name[:64]!r}")
+            if _FIELD_VALUE_BREAK.search(value):
+                raise self._message_error(f"field {name[:64]!r} has a NUL, CR or LF in its value")
+            if name == b":status":
+                status = value
+            elif name == b"content-length":
+                lengths.add(value)
+            elif name in _CONNECTION_SPECIFIC_NAMES:
+                raise self._message_error(f"connection-specific field {name!r}")
+        if status is not None:  # (the libraries have checked it is there, once, and not in trailers)
+            if len(status) != 3 or not status.isdigit() or not b"100" <= status <= b"599" or status == b"101":
+                raise self._message_error(f"invalid :status {status[:16]!r}")
+            if ended and status[:1] == b"1":
+                raise self._message_error("an interim response ended the stream")
+        if lengths and (len(lengths) > 1 or not next(iter(lengths)).isdigit()):
+            raise self._message_error(f"invalid content-length {sorted(lengths)[:2]!r}")
 
     def is_request_stream(self, stream_id: int) -> bool:
         """Bidirectional streams opened by the HTTP client side carry requests."""

@@ -116,15 +116,17 @@ class MessageDecoder:
         if not self._buf:
             return None
         try:
-            return msgpack.unpackb(self._buf, raw=False, strict_map_key=False, **self._limits)
+            obj = msgpack.unpackb(self._buf, raw=False, strict_map_key=False, **self._limits)
         except msgpack.ExtraData as exc:  # Go reads one object and ignores what follows
-            return exc.unpacked
+            obj = exc.unpacked
         except ValueError as exc:
             if str(exc) == "Unpack failed: incomplete input":
                 return None
-            raise ProtocolViolation(f"malformed msgpack: {exc or type(exc).__name__}") from exc
+            raise ProtocolViolation(f"malformed msgpack: {str(exc) or type(exc).__name__}") from exc
         except Exception as exc:  # msgpack raises several unrelated types
-            raise ProtocolViolation(f"malformed msgpack: {exc or type(exc).__name__}") from exc
+            raise ProtocolViolation(f"malformed msgpack: {str(exc) or type(exc).__name__}") from exc
+        # A complete nil is not "incomplete": Go decodes it into a struct as its zero value.
+        return {} if obj is None else obj
 
 
 _REQUEST_FIELDS = ("Version", "TunnelGroup", "Metadata")
@@ -136,7 +138,7 @@ def _as_fields(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
     # ignored) or positionally from an array.
     if isinstance(obj, dict):
         return {k: obj[k] for k in names if k in obj}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, msgpack.ExtType):  # (a namedtuple)
         return dict(zip(names, obj))
     raise ProtocolViolation(f"expected a msgpack map, got {type(obj).__name__}")
 

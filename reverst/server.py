@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http
 import logging
+import sys
 import time
 
 import gevent
@@ -20,6 +21,7 @@ import gevent.pywsgi
 import gevent.queue
 import gevent.server
 import gevent.socket
+import gevent.ssl as gevent_ssl
 from . import auth, http1, protocol, websocket
 from ._transport import Connection, Endpoint, H3Stream
 from .config import GroupsConfig
@@ -140,7 +142,9 @@ class TunnelServer:
                  quic_backend: str | None = None,
                  max_websockets_per_tunnel: int = MAX_WEBSOCKETS_PER_CONNECTION,
                  reuse_port: bool = False, wait_for_tunnels: float = 0.0,
-                 trusted_proxies: TrustedProxies | None = None) -> None:
+                 trusted_proxies: TrustedProxies | None = None,
+                 https_address: tuple[str, int] | None = None,
+                 https_certificate: tuple[str, str] | None = None) -> None:
         #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
         #: answers 503 until :meth:`update_groups` is called)
         self.groups_loaded = gevent.event.Event()
@@ -171,6 +175,12 @@ class TunnelServer:
                               "reset_key": reset_key}
         self._tunnel_bind = tunnel_address
         self._http_bind = http_address
+        #: the HTTPS listener (off unless given) and its default (certificate, key) files
+        self._https_bind = https_address
+        self._https_certificate = https_certificate
+        self._https: gevent.server.StreamServer | None = None
+        #: (listener, front) of each public listener: plain HTTP, and HTTPS if configured
+        self._publics: list[tuple[gevent.server.StreamServer, http1.Front]] = []
         self._management_bind = management_address
         self._tunnels: dict[str, _Tunnels] = {}
         self._slots: dict[Connection, gevent.lock.BoundedSemaphore] = {}
@@ -194,7 +204,6 @@ class TunnelServer:
         self._stopped = gevent.event.Event()
         #: set by drain(): not ready, new registrations refused, the public side winding down
         self.draining = False
-        self._front: http1.Front | None = None
         self._registered_total = 0
         self.ready = gevent.event.Event()
         self.metrics = ServerMetrics(self)
@@ -212,10 +221,21 @@ class TunnelServer:
                                        on_connection=self._on_connection,
                                        connection_options=self._conn_options)
         self._endpoint.start()
-        front = self._front = http1.Front(self.metrics.observe(self._proxy, access_log=self.access_log))
+        app = self.metrics.observe(self._proxy, access_log=self.access_log)
+        front = http1.Front(app)
         self._http = gevent.server.StreamServer(self._public_listener(), front, spawn=self.metrics.public_connections)
-        gevent.spawn(self._sweep_public, front)
-        self._http.start()
+        self._publics.append((self._http, front))
+        if self._https_bind is not None:
+            from .tls import Certificates
+            certificates = Certificates(self._https_certificate, self._tls_files_for,
+                                        context_class=gevent_ssl.SSLContext)
+            https_front = http1.Front(app, ssl_context=certificates.context)
+            self._https = gevent.server.StreamServer(self._public_listener(self._https_bind), https_front,
+                                                     spawn=self.metrics.public_connections)
+            self._publics.append((self._https, https_front))
+        for listener, public in self._publics:
+            gevent.spawn(self._sweep_public, public)
+            listener.start()
         if self._management_bind is not None:
             from .management import ManagementApp
             self._management = gevent.pywsgi.WSGIServer(self._management_bind, ManagementApp(self), log=None,
@@ -232,6 +252,8 @@ class TunnelServer:
                            "reverstd does); --trusted-proxies names the proxies that may set them")
         else:
             logger.info("forwarding headers trusted from %s only", self.trusted_proxies)
+        if self._https is not None:
+            logger.info("public https on tcp %s", format_address(self.https_address))
         logger.info("listening for tunnels on udp %s, public http on tcp %s (QUIC backend %s)",
                     format_address(self.tunnel_address), format_address(self.http_address), self.backend.NAME)
         self._trimmer = gevent.spawn(self._trim_memory)
@@ -242,13 +264,14 @@ class TunnelServer:
             self.start()
         self._stopped.wait()
 
-    def _public_listener(self):
-        """The public TCP listener; with ``reuse_port``, SO_REUSEPORT lets several reverstd
+    def _public_listener(self, bind=None):
+        """A public TCP listener; with ``reuse_port``, SO_REUSEPORT lets several reverstd
         processes on one host share the port (the kernel spreads the connections)."""
+        bind = bind or self._http_bind
         if not self.reuse_port:
-            return self._http_bind
+            return bind
         import socket
-        host, port = self._http_bind
+        host, port = bind
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = gevent.socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -270,19 +293,20 @@ class TunnelServer:
         started = time.monotonic()
         logger.info("draining: not ready now; no new public connections in %gs; tunnels close once "
                     "public requests are done (%gs at most)", delay, timeout)
-        front = self._front
-        if front is not None:
+        for _, front in self._publics:
             front.drain()
         if self._stopped.wait(min(delay, timeout)):
             return
-        if self._http is not None:
-            self._http.close()  # the listening socket only: connections carry on
-        if front is not None:
+        for listener, front in self._publics:
+            listener.close()  # the listening socket only: connections carry on
             front.close_idle()
-            while front.connections and time.monotonic() - started < timeout and not self._stopped.is_set():
-                gevent.sleep(0.05)
-            if front.connections:
-                logger.warning("drain timeout: cutting %d public connections", len(front.connections))
+
+        def open_connections() -> int:
+            return sum(len(front.connections) for _, front in self._publics)
+        while open_connections() and time.monotonic() - started < timeout and not self._stopped.is_set():
+            gevent.sleep(0.05)
+        if open_connections():
+            logger.warning("drain timeout: cutting %d public connections", open_connections())
         logger.info("drained in %.1fs", time.monotonic() - started)
         self.stop(timeout=0, reason="server draining")
 
@@ -290,8 +314,8 @@ class TunnelServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._http is not None:
-            self._http.stop(timeout=timeout)
+        for listener, _ in self._publics:
+            listener.stop(timeout=timeout)
         if self._management is not None:
             self._management.stop(timeout=0)
         if self._endpoint is not None:
@@ -314,6 +338,15 @@ class TunnelServer:
     @property
     def http_address(self) -> tuple:
         return self._http.address
+
+    @property
+    def https_address(self) -> tuple | None:
+        return self._https.address if self._https is not None else None
+
+    def _tls_files_for(self, server_name: str) -> tuple[str, str] | None:
+        """The (certificate, key) files of the group serving ``server_name`` (SNI), if its own."""
+        group = self.groups.group_for_host(server_name)
+        return (group.tls.certificate, group.tls.private_key) if group is not None and group.tls else None
 
     @property
     def management_address(self) -> tuple | None:
@@ -464,8 +497,11 @@ class TunnelServer:
     # -- public HTTP ----------------------------------------------------------------------
     def _proxy(self, environ: dict, start_response):
         headers = environ["reverst.headers"]
+        scheme = environ.get("wsgi.url_scheme", "http")
         if not self.trusted_proxies.trusts(environ.get("REMOTE_ADDR", "")):
-            headers = environ["reverst.headers"] = rebuild_forwarding(headers, "http")
+            headers = environ["reverst.headers"] = rebuild_forwarding(headers, scheme)
+        elif scheme == "https" and not any(k.lower() == "x-forwarded-proto" for k, _ in headers):
+            headers = environ["reverst.headers"] = [*headers, ("X-Forwarded-Proto", "https")]
         host = next((v for k, v in headers if k.lower() == "host"), "")
         route = next((v for k, v in headers if k.lower() == "x-forwarded-host"), None)
         if route is None:
@@ -479,6 +515,8 @@ class TunnelServer:
                 ("X-Content-Type-Options", "nosniff"), ("Content-Length", "12")])
             return [b"bad gateway\n"]
         environ["reverst.group"] = group.name
+        if group.tls is not None and group.tls.redirect_http and scheme == "http" and self._https is not None:
+            return self._redirect_to_https(route, environ, start_response)
         refused = self._admit(group, environ, headers, start_response)
         if refused is not None:
             return refused
@@ -489,8 +527,10 @@ class TunnelServer:
             return self._websocket(tunnels, group.name, environ, headers, host, start_response)
         tried: set[Connection] = set()
         while True:
-            conn = tunnels.pick() if tunnels else None
-            if conn is None or conn in tried:
+            # (not one tried already: other requests move the round-robin cursor meanwhile,
+            # so the next pick may well be the tunnel that just refused this one)
+            conn = tunnels.pick(lambda c: c not in tried) if tunnels else None
+            if conn is None:
                 logger.info("no tunnel connection for group %r (host %r)", group.name, route)
                 return self._empty_502(start_response)
             tried.add(conn)
@@ -527,6 +567,15 @@ class TunnelServer:
             environ["wsgi.input"] = _LimitedBody(environ["wsgi.input"], max_body,
                                                  lambda: self.metrics.visitor_refused(group.name, "body_too_large"))
         return None
+
+    def _redirect_to_https(self, host: str, environ: dict, start_response):
+        port = self._https.address[1]
+        authority = host if port == 443 else f"{host}:{port}"
+        if ":" in host and not host.startswith("["):  # an IPv6 literal
+            authority = f"[{host}]" if port == 443 else f"[{host}]:{port}"
+        location = f"https://{authority}{environ['reverst.raw_path']}"
+        start_response("308 Permanent Redirect", [("Location", location), ("Content-Length", "0")])
+        return [b""]
 
     def _authenticate_visitor(self, policy, authorization: str | None) -> None:
         auth.authenticate(policy, {"Authorization": authorization} if authorization is not None else None,
@@ -604,7 +653,7 @@ class TunnelServer:
         if method == "HEAD" or no_body:
             self._finish(stream, pump, slots)
             return [b""]
-        return self._relay(stream, pump, slots)
+        return self._relay(stream, pump, slots, start_response)
 
     # -- WebSockets (reverst.websocket) ------------------------------------------------------------
     def _websocket(self, tunnels, group: str, environ: dict, headers, host: str, start_response):
@@ -725,15 +774,21 @@ class TunnelServer:
             gevent.killall(directions)
         return stats
 
-    def _relay(self, stream: H3Stream, pump, slots):
+    def _relay(self, stream: H3Stream, pump, slots, start_response=None):
+        started = False  # a body byte went out: the visitor's response is under way
         try:
             while True:
                 try:
                     data = stream.read(CHUNK)
                 except (ConnectionClosed, StreamReset) as exc:
+                    if not started and start_response is not None:  # nothing sent yet: a 502 can replace it
+                        logger.info("%r failed before the response body: %s", stream, exc)
+                        start_response("502 Bad Gateway", [("Content-Length", "0")], sys.exc_info())
+                        return
                     raise _UpstreamAborted(str(exc)) from exc
                 if not data:
                     return
+                started = True
                 yield data
         finally:
             self._finish(stream, pump, slots)

@@ -33,7 +33,7 @@ def test_wsgi_validator_finds_nothing_wrong(server, start_client):
 
 def test_protocol_layers_import_without_gevent():
     code = ("import sys, reverst.protocol, reverst.config, reverst.auth, reverst.wsgi, "
-            "reverst.http3, reverst.quic, reverst.durations, reverst.forwarding, reverst.policy; "
+            "reverst.http3, reverst.quic, reverst.durations, reverst.forwarding, reverst.policy, reverst.tls; "
             "assert 'gevent' not in sys.modules, 'gevent imported'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
 

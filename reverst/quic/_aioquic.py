@@ -33,7 +33,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import END_STATES, QuicConnection
 
-from ..http3 import ReversedRoles
+from ..http3 import MAX_HEADERS_FRAME, ReversedRoles
 from ..protocol import ALPN, AppErrorCode
 from ._common import Liveness, is_stateless_reset_candidate, stateless_reset_token
 
@@ -275,13 +275,31 @@ class TunnelQuicConnection(Liveness, QuicConnection):
 
 
 class ReversedH3Connection(ReversedRoles, H3Connection):
-    """aioquic's H3Connection with the HTTP role given (see reverst.http3.ReversedRoles)."""
+    """aioquic's H3Connection with the HTTP role given (see reverst.http3.ReversedRoles),
+    a bound on HEADERS frames (aioquic buffers one whole, however long it says it is),
+    and Content-Length checked as the body arrives (aioquic checks it at the end only, after
+    relaying whatever came)."""
 
     _stream_class = H3Stream
     _message_error = MessageError
+    _stream_errors = (MessageError,)
 
     def _no_dynamic_table_decoder(self):
         return pylsqpack.Decoder(0, 0)
+
+    def _check_request_or_push_frame_type(self, frame_type: int, stream: H3Stream) -> None:
+        super()._check_request_or_push_frame_type(frame_type, stream)
+        if frame_type == 0x1 and stream.frame_size > MAX_HEADERS_FRAME:  # (called once a frame's header is read)
+            raise MessageError(f"header section too large (a HEADERS frame of {stream.frame_size} bytes, "
+                               f"more than {MAX_HEADERS_FRAME})")
+
+    def _receive_request_or_push_data(self, stream: H3Stream, data: bytes, stream_ended: bool):
+        events = super()._receive_request_or_push_data(stream, data, stream_ended)
+        expected = stream.expected_content_length
+        if expected is not None and stream.content_length > expected and stream.stream_id not in self.malformed:
+            self.malformed[stream.stream_id] = "content-length exceeded"
+            return []  # not a byte past the declared length reaches the owner
+        return events
 
     @contextlib.contextmanager
     def _get_or_create_stream(self, stream_id: int):

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from qh3 import tls as qh3_tls
 from qh3._hazmat import QpackDecoder
 from qh3.h3 import events as h3_events
-from qh3.h3.connection import H3Connection, H3Stream, MessageError
+from qh3.h3.connection import FieldSectionTooLarge, H3Connection, H3Stream, MessageError
 from qh3.h3.connection import ProtocolError as H3ProtocolError
 from qh3.h3.exceptions import H3Error
 from qh3.quic import events as quic_events
@@ -41,7 +41,7 @@ from qh3._hazmat import Buffer
 from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 
-from ..http3 import ReversedRoles
+from ..http3 import MAX_HEADERS_FRAME, ReversedRoles
 from ..protocol import ALPN, AppErrorCode
 from ._common import Liveness, stateless_reset_token
 
@@ -377,10 +377,17 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
 
     _stream_class = H3Stream
     _message_error = MessageError
+    #: qh3 raises FieldSectionTooLarge (a connection error) for a HEADERS frame or a
+    #: decoded section over its limits: here it fails just that stream
+    _stream_errors = (MessageError, FieldSectionTooLarge)
 
     def __init__(self, quic, *, http_client: bool) -> None:
         self._expected_length: dict[int, list[int]] = {}  # stream -> [declared, received]
         super().__init__(quic, http_client=http_client)
+
+    def _init_connection(self) -> None:
+        self._max_encoded_field_section_size = MAX_HEADERS_FRAME  # (qh3: 4 MiB)
+        super()._init_connection()
 
     def _no_dynamic_table_decoder(self):
         return QpackDecoder(0, 0, max_field_section_size=self._max_field_section_size)
