@@ -146,6 +146,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+        self._reader.join(5)  # (its log is complete), then its pipe closed
+        (self.popen.stdout or self.popen.stderr).close()
 
 
 class Procs(list):
@@ -849,8 +851,13 @@ def main():
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; Ctrl-C (or SIGTERM, see interrupt_on_sigterm) ends it with one line."""
     try:
         main()
     except KeyboardInterrupt:
         sys.exit("interrupted (every process it started is stopped)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,7 +1,8 @@
 """The impairment relay of bench/relay.py, for tests: loss, delay, jitter, duplication, a
 bandwidth cap and a blackhole between a tunnel client and reverstd.
 
-``bench/`` is not a package, so the module is loaded by path (once, as ``reverst_bench_relay``).
+``bench/`` is not a package, so the module is loaded by path (once, as ``reverst_bench_relay``;
+``load_bench(name)`` does that for any bench script).
 
     from .relay import Impairment, relay_factory, through  # noqa: F401 (fixture)
 
@@ -18,25 +19,27 @@ import sys
 
 import pytest
 
-PATH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "relay.py"
-MODULE = "reverst_bench_relay"
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+PATH = BENCH / "relay.py"
 
 
-def _load():
-    if MODULE in sys.modules:
-        return sys.modules[MODULE]
-    spec = importlib.util.spec_from_file_location(MODULE, PATH)
+def load_bench(name: str):
+    """``bench/<name>.py`` as the module ``reverst_bench_<name>`` (loaded once)."""
+    module_name = f"reverst_bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE] = module  # dataclasses look their module up while the class is built
+    sys.modules[module_name] = module  # dataclasses look their module up while the class is built
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[MODULE]
+        del sys.modules[module_name]
         raise
     return module
 
 
-relay_module = _load()
+relay_module = load_bench("relay")
 Relay = relay_module.Relay
 Impairment = relay_module.Impairment
 parse_duration = relay_module.parse_duration

@@ -271,8 +271,8 @@ class Client:
         self._handler.accepting = False
         try:
             with gevent.Timeout(timeout, False):
-                while self._handler.active:
-                    gevent.sleep(0.05)
+                while self._handler.active or self._handler.unsent:  # (the last bytes of a
+                    gevent.sleep(0.05)                              # response are not sent yet)
             for conn in self.connections:
                 conn.close(protocol.AppErrorCode.OK, "client closing")
             self._handler.close()

@@ -157,10 +157,18 @@ def _respond(stream: H3Stream, fields, data: bytes, end: bool, done=None) -> Non
 
 
 def _end(stream: H3Stream, done) -> None:
+    # queue(), not close(): this runs in a hub callback, which must not block, and close()
+    # waits while more than SEND_HIGH_WATER bytes are unacknowledged (a big body's last
+    # pieces). The worker already waited for room after each POST_LIMIT bytes it posted.
     try:
-        stream.close()
+        stream.queue(b"", True)
     finally:
         done.set()
+
+
+def _unsent(stream: H3Stream) -> bool:
+    conn = stream.conn
+    return conn.is_open and conn.quic.send_buffered(stream.stream_id) > 0
 
 
 def _quietly(fn: Callable, *args) -> None:
@@ -315,6 +323,8 @@ class WSGIHandler:
         self.active = 0
         #: False while stopping: new requests are refused (H3_REQUEST_REJECTED)
         self.accepting = True
+        #: finished requests whose response the QUIC layer may still hold (see ``unsent``)
+        self._sending: list[H3Stream] = []
 
     def __call__(self, stream: H3Stream) -> None:
         if not self.accepting:
@@ -343,6 +353,17 @@ class WSGIHandler:
         """A request is over (in the hub): its stream state goes."""
         self.active -= 1
         stream.finish()
+        if self._sending:
+            self._sending = [s for s in self._sending if _unsent(s)]
+        if _unsent(stream):
+            self._sending.append(stream)
+
+    @property
+    def unsent(self) -> bool:
+        """A finished response still has bytes its peer has not got: the request is over
+        for the app, but closing the connection now would cut the response short."""
+        self._sending = [s for s in self._sending if _unsent(s)]
+        return bool(self._sending)
 
     def _run_in_thread(self, stream: H3Stream, done: "_Done") -> None:
         told = False
