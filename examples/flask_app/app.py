@@ -6,7 +6,9 @@ from flask import Flask, Response, jsonify, request
 from flask_sock import Sock
 
 app = Flask(__name__)
-app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25}  # keeps idle sockets alive through proxies
+# ping_interval keeps idle sockets alive through proxies; receive_bytes: simple-websocket's
+# 4 KiB reads are slow for large messages
+app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "receive_bytes": 65536}
 sock = Sock(app)
 
 
