@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import sys
 import random
 import threading
 import time
@@ -261,9 +262,11 @@ class KubeClient:
             if self._core is None:
                 try:
                     from kubernetes import client, config
-                except ImportError:
-                    raise KubeUnavailable("the kubernetes package is not installed "
-                                          "(pip install 'reverst[k8s]')") from None
+                except ImportError as exc:
+                    if exc.name in ("kubernetes", None) and "kubernetes" not in sys.modules:
+                        raise KubeUnavailable("the kubernetes package is not installed "
+                                              "(pip install 'reverst[k8s]')") from None
+                    raise KubeUnavailable(f"the kubernetes package does not import: {exc}") from None
                 configuration = client.Configuration()
                 try:
                     if os.environ.get("KUBERNETES_SERVICE_HOST"):

@@ -31,11 +31,17 @@ def load_bench(name: str):
     spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses look their module up while the class is built
+    path = list(sys.path)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[module_name]
         raise
+    finally:
+        # a bench script puts bench/ first on sys.path to import its siblings: never leave it
+        # there, its file names would shadow packages (bench/ws_echo.py was websocket.py, and
+        # hid websocket-client from the kubernetes package for the rest of the suite)
+        sys.path[:] = path
     return module
 
 

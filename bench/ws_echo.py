@@ -1,7 +1,7 @@
 """WebSocket echo through reverst against the echo server reached directly: round trips/s, MB/s.
 
-    python bench/websocket.py [--backends qh3,aioquic] [--duration 5] [--bulk-mb 50] [--sockets 16]
-                              [--repeat 1] [--json bench/results/websocket.json]
+    python bench/ws_echo.py [--backends qh3,aioquic] [--duration 5] [--bulk-mb 50] [--sockets 16]
+                              [--repeat 1] [--json bench/results/ws_echo.json]
 
 Targets, each a row: ``direct``, a ``websockets`` echo server (its own process) reached
 without a tunnel; then, per QUIC backend, one ``reverstd`` with two tunnel clients:
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--bulk-mb", type=int, default=50, help="1 MB messages per bulk run (default 50)")
     parser.add_argument("--sockets", type=int, default=16, help="sockets of the concurrent case (0: skip)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per case and target; medians shown")
-    parser.add_argument("--json", default=str(bench.ROOT / "bench" / "results" / "websocket.json"))
+    parser.add_argument("--json", default=str(bench.ROOT / "bench" / "results" / "ws_echo.json"))
     args = parser.parse_args()
     if args.repeat < 1 or args.bulk_mb < 1 or args.duration <= 0 or args.sockets < 0:
         parser.error("--repeat and --bulk-mb must be at least 1, --duration above 0, --sockets not negative")
