@@ -868,7 +868,9 @@ class TunnelServer:
         try:
             with requests.Session() as session:
                 # auth=...: no .netrc credentials may replace our Authorization header.
-                with session.get(endpoint, headers={"Authorization": authorization}, timeout=(timeout, timeout),
+                # (a little past the caller's wait: a timeout is the wait's to report, never a race)
+                late = timeout + 1.0
+                with session.get(endpoint, headers={"Authorization": authorization}, timeout=(late, late),
                                  allow_redirects=False, stream=True, auth=lambda request: request) as response:
                     return response.status_code, None
         except Exception as exc:
