@@ -5,6 +5,7 @@ kept across reloads; :meth:`Gate.admit` decides one request.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
@@ -42,7 +43,14 @@ class VisitorPolicy:
     def is_open(self) -> bool:  # (reverst.auth.authenticate reads it)
         return not self.strategies
 
+    @functools.cached_property
+    def unrestricted(self) -> bool:
+        """Nothing to check (a group without ``visitors:``): every request goes on."""
+        return self == VisitorPolicy()
+
     def admits_address(self, address: str) -> bool:
+        if not self.allow and not self.deny:
+            return True
         ip = parse_ip(address)
         if ip is None:
             return not self.allow
@@ -164,6 +172,10 @@ class Gate:
                 return Refusal(429, "group_rate_limited", "too many requests for this host",
                                (("Retry-After", str(math.ceil(wait))),))
         return None
+
+    def release(self) -> None:
+        """A request admitted by :meth:`admit` is done."""
+        self.in_flight -= 1
 
     def _visitor_bucket(self, address: str, now: float) -> TokenBucket:
         bucket = self._visitors.get(address)

@@ -543,7 +543,11 @@ class TunnelServer:
 
     def _admit(self, group, environ: dict, headers, start_response):
         """The group's visitor policy (reverst.policy): None if the request may go on
-        (counted in flight until its response is done), else the refusal sent."""
+        (counted in flight until its response is done), else the refusal sent. A group
+        without a policy costs nothing here (its requests are not counted: a reload that
+        adds a concurrency cap counts from the next request on)."""
+        if group.visitors.unrestricted:
+            return None
         gate = self._gates.get(group.name)
         if gate is None:
             gate = self._gates[group.name] = Gate(group.visitors, group.name)
@@ -558,10 +562,7 @@ class TunnelServer:
             self.metrics.visitor_refused(group.name, refusal.reason)
             return self._refuse(start_response, refusal.status, refusal.message, refusal.headers)
         gate.in_flight += 1
-
-        def done():
-            gate.in_flight -= 1
-        environ["reverst.done"] = done
+        environ["reverst.done"] = gate.release
         max_body = group.visitors.limits.max_body_size
         if max_body is not None and environ.get("HTTP_TRANSFER_ENCODING"):  # (a Content-Length was checked)
             environ["wsgi.input"] = _LimitedBody(environ["wsgi.input"], max_body,
