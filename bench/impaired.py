@@ -67,12 +67,6 @@ PROFILES = [
 ]
 
 
-def free_port(kind=socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def data_of(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -168,12 +162,12 @@ def start_backend(tmp: pathlib.Path, procs: Procs, down: bytes) -> tuple[str, in
     www = tmp / "www"
     www.mkdir()
     (www / "download").write_bytes(down)
-    hasher = free_port()
+    hasher = bench.free_port()
     procs.start("py-backend", [sys.executable, "-c", PY_BACKEND, str(hasher), str(www)]).wait_listening(hasher)
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if not nginx:
         return "python", hasher
-    port = free_port()
+    port = bench.free_port()
     (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port, hasher=hasher))
     procs.start("nginx", [nginx, "-c", str(tmp / "nginx.conf")]).wait_listening(port)
     return "nginx", port
@@ -202,7 +196,7 @@ class Running:
 
 
 def launch(stack: str, imp: Impairment, seed, setup: Setup, procs: Procs) -> Running:
-    tunnel_port, http_port = free_port(socket.SOCK_DGRAM), free_port()
+    tunnel_port, http_port = bench.free_port(socket.SOCK_DGRAM), bench.free_port()
     if stack == "go":
         host = "bench.go"
         server = procs.start("go-reverstd", [

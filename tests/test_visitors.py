@@ -156,15 +156,20 @@ def request(port, method, path, host, source="127.0.0.1", headers=None, body=Non
         conn.close()
 
 
-@pytest.fixture
-def edge(certs, tmp_path, procs):
+def start_edge(server_class, certs, tmp_path, procs):
+    """``server_class`` (a reverstd) on GROUPS, with a tunnel in app.test and in private.test."""
     path = tmp_path / "groups.yml"
     path.write_text(GROUPS)
-    server = ManagedServer(certs, path)
+    server = server_class(certs, path)
     procs.append(server)
     procs.append(TunnelClient(server, certs, name="app"))
     procs.append(TunnelClient(server, certs, group="private.test", name="private"))
     return server
+
+
+@pytest.fixture
+def edge(certs, tmp_path, procs):
+    return start_edge(ManagedServer, certs, tmp_path, procs)
 
 
 def test_allow_and_deny_by_visitor_address(edge):
@@ -252,12 +257,8 @@ def test_max_tunnels_refuses_the_next_client_with_a_reason_it_retries_on(edge, c
 
 
 def test_a_policy_changed_live_applies_without_failing_other_groups(certs, tmp_path, procs):
+    server = start_edge(LiveServer, certs, tmp_path, procs)
     path = tmp_path / "groups.yml"
-    path.write_text(GROUPS)
-    server = LiveServer(certs, path)
-    procs.append(server)
-    procs.append(TunnelClient(server, certs, name="app"))
-    procs.append(TunnelClient(server, certs, group="private.test", name="private"))
     right = {"Authorization": basic_authorization("visitor", "secret-pw")}
     failures, done = [], threading.Event()
 
