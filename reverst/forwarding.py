@@ -15,6 +15,18 @@ FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwar
                                 "x-forwarded-port", "x-real-ip", "forwarded"})
 
 
+def parse_ip(address: str):
+    """``address`` (a peer's, an ``X-Forwarded-For`` hop) as an ip_address, or None; the
+    IPv6 zone dropped and an IPv4-mapped address as the IPv4 one."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 class TrustedProxies:
     """The peers whose forwarding headers count: ``None`` networks means anyone (the Go
     reverst's behaviour, and the default); an empty list means no one."""
@@ -46,13 +58,8 @@ class TrustedProxies:
     def trusts(self, address: str) -> bool:
         if self.networks is None:
             return True
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
+        ip = parse_ip(address)
+        return ip is not None and any(ip in net for net in self.networks)
 
     def __str__(self) -> str:
         if self.networks is None:

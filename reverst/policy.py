@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from .errors import Unauthorized
+from .forwarding import parse_ip
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -77,16 +78,6 @@ class VisitorPolicy:
         if lim.max_body_size is not None:
             parts.append(f"request bodies up to {lim.max_body_size} bytes")
         return "; ".join(parts) or "anyone, without limits"
-
-
-def parse_ip(address: str):
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def per_ip_burst(limits: Limits) -> int:
