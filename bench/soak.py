@@ -1,7 +1,7 @@
 """Soak: an hour of mixed load through reverstd on each QUIC backend; is anything left behind?
 
     python bench/soak.py [--minutes 60] [--backends qh3,aioquic] [--sample-seconds 10]
-                         [--reconnect-seconds 30] [--workers 4] [--uploads-during-stop]
+                         [--reconnect-seconds 30] [--workers 4] [--hold-uploads-during-stop]
                          [--debug-objects [--tracemalloc]] [--logs DIR]
 
 Per QUIC backend, one after the other: our ``reverstd`` (with ``--management-address``)
@@ -12,9 +12,9 @@ client of each group runs for the whole soak (``expose``, ``wsgi``); the other
 (``expose-cycled``, ``wsgi-cycled``) is stopped with SIGTERM and started again every
 ``--reconnect-seconds``, the two in turn, so tunnels keep leaving and registering while
 requests flow. A stopping client refuses what still reaches it and reverstd can send only
-requests without a body elsewhere, so the group of the client being cycled gets no new
-upload from just before its SIGTERM until it is back (``--uploads-during-stop``: it does,
-and those uploads may fail with 502; see Cycler).
+uploads go on to the group whose client is being cycled: a stopping client says GOAWAY
+first, so reverstd sends them to the group's other tunnel (``--hold-uploads-during-stop``
+sends that group none from just before the SIGTERM until the client is back; see Cycler).
 
 ``--workers`` threads of this process send, back to back on kept-alive connections to
 reverstd's public port (half of them to each group), a mix of: small GETs (/hello), large
@@ -341,14 +341,15 @@ class Cycler:
     """Every ``every`` seconds, one cycled client (in turn) is stopped with SIGTERM (it finishes
     its requests and closes its tunnel) and started again, until stopped.
 
-    A stopping client refuses the requests that still reach it (H3_REQUEST_REJECTED) until
-    reverstd sees its tunnel close, and reverstd sends only those without a body to another
-    tunnel (it keeps no copy of a body; nor does reverst have GOAWAY, which would tell it
-    before). So, unless ``uploads_during_stop``, the load sends its group no upload from
-    just before the SIGTERM until the client is back."""
+    A stopping client says GOAWAY, serves what reverstd sent before it saw it, and then
+    refuses what still reaches it (H3_REQUEST_REJECTED), which reverstd can send to another
+    tunnel only without a body (it keeps no copy of one). A reverstd that honours GOAWAY
+    sends nothing new to it, so no upload fails; ``uploads_during_stop=False`` (a peer that
+    ignores GOAWAY, as the Go reverstd) sends the group no upload from just before the
+    SIGTERM until the client is back."""
 
     def __init__(self, stack: bench.Stack, spec: bench.StackSpec, procs: bench.Procs, every: float, load: Load,
-                 uploads_during_stop: bool = False):
+                 uploads_during_stop: bool = True):
         self.stack, self.procs, self.every, self.load = stack, procs, every, load
         self.started = load.started
         self.uploads_during_stop = uploads_during_stop
@@ -615,7 +616,7 @@ def run_load(quic: str, seconds: float, tmp: pathlib.Path, procs: bench.Procs, h
 
 # -- one backend ---------------------------------------------------------------------------------
 def soak(quic: str, seconds: float, *, warmup: float = 30.0, sample_seconds: float = 10.0,
-         reconnect_seconds: float = 30.0, workers: int = 4, uploads_during_stop: bool = False,
+         reconnect_seconds: float = 30.0, workers: int = 4, uploads_during_stop: bool = True,
          rss_limit: float = RSS_LIMIT_MB,
          debug_objects: bool = False, tracemalloc: bool = False, tmp: pathlib.Path | None = None,
          logs_dir: pathlib.Path | None = None, out=print) -> dict:
@@ -692,8 +693,8 @@ def main() -> None:
     parser.add_argument("--reconnect-seconds", type=float, default=30,
                         help="a cycled client restarts this often (0: never)")
     parser.add_argument("--workers", type=int, default=4, help="concurrent requests (half per group)")
-    parser.add_argument("--uploads-during-stop", action="store_true",
-                        help="keep sending uploads to a group while its cycled client stops (see Cycler)")
+    parser.add_argument("--hold-uploads-during-stop", dest="uploads_during_stop", action="store_false",
+                        help="send no upload to a group while its cycled client stops (see Cycler)")
     parser.add_argument("--rss-limit", type=float, default=RSS_LIMIT_MB, help="MB of growth allowed after warm-up")
     parser.add_argument("--debug-objects", action="store_true",
                         help="gc object counts per type from reverstd and the long-lived clients")

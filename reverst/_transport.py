@@ -404,6 +404,8 @@ class Connection:
         self.connected_at = time.time()
         #: called (in the loop, must not block) with each new H3 request stream (HTTP server role)
         self.on_request: Callable[["H3Stream"], None] | None = None
+        #: the stream id of the latest request the peer opened (HTTP server role), -1 before
+        self.last_request_id = -1
         self._close_callbacks: list[Callable[["Connection"], None]] = []
         self._raw: dict[int, Stream] = {}
         self._h3streams: dict[int, H3Stream] = {}
@@ -572,6 +574,8 @@ class Connection:
                         known = stream
                     stream._on_headers(h3_event.headers, h3_event.stream_ended)
                     self.quic.busy += 1
+                    if event_sid > self.last_request_id:
+                        self.last_request_id = event_sid
                     self.on_request(stream)
                 else:
                     stream._on_headers(h3_event.headers, h3_event.stream_ended)
@@ -674,6 +678,19 @@ class Connection:
             self.schedule_transmit()
 
     # -- closing ----------------------------------------------------------------------
+    @property
+    def going_away(self) -> bool:
+        """The peer sent an HTTP/3 GOAWAY: it is stopping and takes no new request."""
+        return self.h3 is not None and self.h3.goaway_received
+
+    def send_goaway(self, stream_id: int | None = None) -> None:
+        """HTTP/3 GOAWAY (HTTP server role): requests from ``stream_id`` on will not be
+        processed; None: the largest id there is, i.e. "send no more", the first of the two
+        steps of a graceful stop (RFC 9114 §5.2)."""
+        if self.is_open and self.h3 is not None:
+            self.h3.send_goaway((1 << 62) - 3 if stream_id is None else stream_id)
+            self.schedule_transmit()
+
     def close(self, error_code: int = AppErrorCode.OK, reason: str = "") -> None:
         if not self.closed.is_set():
             self.quic.close(error_code=error_code, reason_phrase=reason)

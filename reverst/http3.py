@@ -11,7 +11,7 @@ and tests/test_http3.py runs on both.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 #: Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, Go's list).
 HOP_BY_HOP = frozenset({
@@ -82,6 +82,12 @@ class ReversedRoles:
     _stream_class: type
     _message_error: type
     _stream_errors: tuple
+    #: ``stream_id -> bytes``: a GOAWAY frame (the library's encoder)
+    _goaway_frame: Callable[[int], bytes]
+
+    #: The peer sent a GOAWAY (RFC 9114 §5.2): a tunnel client that is stopping. reverstd
+    #: sends it no new request; those it already sent are still answered.
+    goaway_received = False
 
     def __init__(self, quic, *, http_client: bool) -> None:
         self._http_client = http_client
@@ -144,6 +150,10 @@ class ReversedRoles:
                 stream.sending_ended = True
         self._stream[stream_id] = stream
         return stream
+
+    def send_goaway(self, stream_id: int) -> None:
+        """Tell the peer that requests on ``stream_id`` and above will not be processed."""
+        self._quic.send_stream_data(self._local_control_stream_id, self._goaway_frame(stream_id))
 
     def forget_stream(self, stream_id: int) -> None:
         """Drop a request stream's state after a reset (the libraries only do it for 0 mod 4)."""

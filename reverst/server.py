@@ -529,7 +529,10 @@ class TunnelServer:
         while True:
             # (not one tried already: other requests move the round-robin cursor meanwhile,
             # so the next pick may well be the tunnel that just refused this one)
-            conn = tunnels.pick(lambda c: c not in tried) if tunnels else None
+            # (a tunnel whose client said GOAWAY only if no other is left: it still answers
+            # until its grace ends, and then refuses, which the loop handles)
+            conn = (tunnels.pick(lambda c: c not in tried and not c.going_away)
+                    or tunnels.pick(lambda c: c not in tried)) if tunnels else None
             if conn is None:
                 logger.info("no tunnel connection for group %r (host %r)", group.name, route)
                 return self._empty_502(start_response)
@@ -675,8 +678,10 @@ class TunnelServer:
         for c in list(tunnels.connections):  # a tunnel just registered: its SETTINGS say if it can
             if c.is_open and c.h3 is not None and c.h3.received_settings is None:
                 c.wait_settings(SETTINGS_WAIT)
-        conn = tunnels.pick(lambda c: c.h3 is not None and c.h3.peer_serves_websockets
-                            and self.websockets.get(c, 0) < self.max_websockets_per_tunnel)
+        def can_take(c: Connection) -> bool:
+            return (c.h3 is not None and c.h3.peer_serves_websockets
+                    and self.websockets.get(c, 0) < self.max_websockets_per_tunnel)
+        conn = tunnels.pick(lambda c: can_take(c) and not c.going_away) or tunnels.pick(can_take)
         if conn is None:
             if any(c.h3 is not None and c.h3.peer_serves_websockets for c in tunnels.connections if c.is_open):
                 return self._refuse(start_response, 503, "every tunnel of this group has as many WebSockets "

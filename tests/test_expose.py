@@ -13,6 +13,7 @@ import http.server
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -525,6 +526,48 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(local, expose, server)
     assert late_at < 1.5, f"the refused request took {late_at:.1f}s"
     assert wait_exit(p, 10) == 0
     assert time.monotonic() - start < 10
+    server.wait_for(r"left group 'app.test': client closing \(application error 0x0\)", timeout=5)
+
+
+def test_uploads_move_to_the_other_tunnel_when_one_stops(local, expose, server):
+    """A stopping client says GOAWAY first and keeps serving what is on its way, so
+    reverstd sends its next uploads (which it could not retry once refused) to the other
+    tunnel: none fails. (With one step, a refusal at once, about every other upload sent
+    in the stop's first moments was a 502.)"""
+    stopping = expose(local, extra=["--grace-period", "10s"])
+    stop = threading.Event()
+    slow_pool = concurrent.futures.ThreadPoolExecutor(1)
+    slow = slow_pool.submit(get, server, "/slow?s=3", timeout=10)  # (keeps the stopping tunnel
+    time.sleep(0.3)                                                # open for a while after SIGTERM)
+    expose(local)
+
+    def upload_loop(worker: int) -> list:
+        results, session = [], requests.Session()
+        rng = random.Random(worker)
+        while not stop.is_set():
+            data = rng.randbytes(rng.randrange(64 * 1024, 512 * 1024))
+            try:
+                r = session.post(server.url("/upload"), headers=H, data=data, timeout=10)
+                results.append((r.status_code, r.json() if r.status_code == 200 else r.text,
+                                len(data), hashlib.sha256(data).hexdigest()))
+            except requests.RequestException as exc:
+                results.append((None, repr(exc), len(data), None))
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(upload_loop, i) for i in range(4)]
+        time.sleep(1.0)
+        stopping.popen.send_signal(signal.SIGTERM)
+        assert wait_exit(stopping, 10) == 0
+        time.sleep(0.5)
+        stop.set()
+        results = [r for f in futures for r in f.result(timeout=20)]
+    assert (slow.result(timeout=10).status_code, slow.result().text) == (200, "slept 3")
+    slow_pool.shutdown()
+    failed = [(status, body) for status, body, _, _ in results if status != 200]
+    assert not failed, f"{len(failed)} of {len(results)} uploads failed: {failed[:3]}"
+    assert all((body["size"], body["sha256"]) == (size, digest) for _, body, size, digest in results)
+    assert len(results) > 20
     server.wait_for(r"left group 'app.test': client closing \(application error 0x0\)", timeout=5)
 
 

@@ -12,6 +12,7 @@ Everything runs on 127.0.0.1 with real TLS (trustme), QUIC and ``requests``.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import re
@@ -328,6 +329,27 @@ def test_our_client_serves_again_within_5s_of_a_go_reverstd_restart(certs, group
     lost = c.wait_for(r"connection lost \((.+)\); reconnecting in \d+\.\ds").group(1)
     print(f"{mode}: the client saw: {lost}")
     assert count(c, r"reverst: .* is reachable through") == 1  # announced once
+
+
+def test_our_stopping_client_says_goaway_and_a_go_reverstd_lets_it_finish(certs, groups_path, procs):
+    """Our client stops in two GOAWAY steps (what the Go reverstd makes of a GOAWAY is its
+    own business: it must not break the connection): the request in flight is answered,
+    the client leaves with 0x0 and exits 0, and the other client serves on."""
+    server = GoServer.start(certs, groups_path)
+    procs.append(server)
+    stopping = PyClient(server, certs, "wsgi", "tests.apps:app", name="stopping", extra=["--grace-period", "10s"])
+    procs.append(stopping)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(get, server, "/sleep?ms=1500", timeout=10)
+        time.sleep(0.3)
+        procs.append(PyClient(server, certs, "wsgi", "tests.apps:app", name="other"))
+        stopping.popen.send_signal(signal.SIGTERM)
+        assert stopping.popen.wait(10) == 0
+        r = slow.result(timeout=10)
+    assert r.status_code == 200, r.text
+    assert not re.search(r"level=(ERROR|WARN)", server.output()), server.output()[-2000:]
+    names = {get(server, "/name").text for _ in range(4)}
+    assert names == {"other"}, names
 
 
 # -- one group, a Go client and a Python client -------------------------------------------------------

@@ -33,6 +33,12 @@ __all__ = ["BasicAuth", "BearerAuth", "Client", "serve", "parse_tunnel_addresses
 
 logger = logging.getLogger("reverst.client")
 
+#: A stopping client serves what reverstd sent before it saw the first GOAWAY for this
+#: long (seconds), or this many smoothed RTTs, at most GOAWAY_GRACE_MAX (see Client._go_away).
+GOAWAY_GRACE = 0.1
+GOAWAY_GRACE_RTTS = 4
+GOAWAY_GRACE_MAX = 1.0
+
 
 @dataclass(frozen=True)
 class BasicAuth:
@@ -268,9 +274,9 @@ class Client:
             self._stopped.wait()
             return
         self._stopping.set()
-        self._handler.accepting = False
         try:
             with gevent.Timeout(timeout, False):
+                self._go_away()
                 while self._handler.active or self._handler.unsent:  # (the last bytes of a
                     gevent.sleep(0.05)                              # response are not sent yet)
             for conn in self.connections:
@@ -279,6 +285,22 @@ class Client:
         finally:
             self._stopped.set()
             self._set_state(STOPPED)
+
+    def _go_away(self) -> None:
+        """A graceful stop in two steps (RFC 9114 §5.2), so that reverstd can move its
+        requests elsewhere instead of having them refused: a GOAWAY saying "send no more"
+        at once, while what is already on its way is still served (a request refused now
+        could not be retried if it carries a body); after a few round trips, a GOAWAY with
+        the last request id taken, and anything newer is refused (H3_REQUEST_REJECTED). A
+        peer that ignores GOAWAY (the Go reverstd) gets its requests served for that long."""
+        conns = self.connections
+        for conn in conns:
+            conn.send_goaway()
+        rtts = [r for r in (conn.quic.smoothed_rtt for conn in conns) if r is not None]
+        gevent.sleep(min(GOAWAY_GRACE_MAX, max([GOAWAY_GRACE] + [GOAWAY_GRACE_RTTS * r for r in rtts])) if conns else 0)
+        self._handler.accepting = False
+        for conn in conns:
+            conn.send_goaway(conn.last_request_id + 4 if conn.last_request_id >= 0 else 1)
 
     def __enter__(self):
         return self

@@ -24,9 +24,9 @@ from types import SimpleNamespace
 
 import pylsqpack
 from aioquic import tls
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer, encode_uint_var
 from aioquic.h3 import events as h3_events
-from aioquic.h3.connection import H3Connection, H3Stream, MessageError
+from aioquic.h3.connection import FrameType, H3Connection, H3Stream, MessageError, encode_frame
 from aioquic.h3.connection import ProtocolError as H3ProtocolError
 from aioquic.h3.exceptions import H3Error
 from aioquic.quic import events as quic_events
@@ -284,8 +284,17 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
     _message_error = MessageError
     _stream_errors = (MessageError,)
 
+    @staticmethod
+    def _goaway_frame(stream_id: int) -> bytes:
+        return encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id))
+
     def _no_dynamic_table_decoder(self):
         return pylsqpack.Decoder(0, 0)
+
+    def _check_control_frame_type(self, frame_type: int) -> None:
+        super()._check_control_frame_type(frame_type)
+        if frame_type == FrameType.GOAWAY:  # (aioquic skips its payload: that it came is enough)
+            self.goaway_received = True
 
     def _check_request_or_push_frame_type(self, frame_type: int, stream: H3Stream) -> None:
         super()._check_request_or_push_frame_type(frame_type, stream)

@@ -29,9 +29,9 @@ import ssl
 from types import SimpleNamespace
 
 from qh3 import tls as qh3_tls
-from qh3._hazmat import QpackDecoder
+from qh3._hazmat import QpackDecoder, encode_uint_var
 from qh3.h3 import events as h3_events
-from qh3.h3.connection import FieldSectionTooLarge, H3Connection, H3Stream, MessageError
+from qh3.h3.connection import FieldSectionTooLarge, FrameType, H3Connection, H3Stream, MessageError, encode_frame
 from qh3.h3.connection import ProtocolError as H3ProtocolError
 from qh3.h3.exceptions import H3Error
 from qh3.quic import events as quic_events
@@ -389,8 +389,18 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
         self._max_encoded_field_section_size = MAX_HEADERS_FRAME  # (qh3: 4 MiB)
         super()._init_connection()
 
+    @staticmethod
+    def _goaway_frame(stream_id: int) -> bytes:
+        return encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id))
+
     def _no_dynamic_table_decoder(self):
         return QpackDecoder(0, 0, max_field_section_size=self._max_field_section_size)
+
+    def _handle_control_frame(self, frame_type: int, frame_data: bytes):
+        events = super()._handle_control_frame(frame_type, frame_data)
+        if frame_type == FrameType.GOAWAY:
+            self.goaway_received = True
+        return events
 
     def _get_or_create_stream(self, stream_id: int) -> H3Stream:
         stream = self._stream.get(stream_id)
