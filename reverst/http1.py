@@ -171,6 +171,9 @@ class RequestParser:
             self.error = cause if isinstance(cause, BadRequest) else BadRequest(str(exc))
             raise self.error from None
         except httptools.HttpParserError as exc:
+            if self.in_head and "PRI" in str(exc):  # llhttp stops at "PRI * HTTP/2.0"
+                self.error = BadRequest("an HTTP/2 connection preface (this port speaks HTTP/1.1)", 505)
+                raise self.error from None
             self.error = BadRequest(f"malformed request: {exc}")
             raise self.error from None
         if self.framing_bytes > MAX_HEAD:
@@ -195,6 +198,8 @@ class RequestParser:
         self.parsing.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # a trailer field of a chunked body: not forwarded (its section
+            return            # is bounded by framing_bytes); the head's fields went already
         fields = self.parsing.fields
         if len(fields) >= MAX_FIELDS:
             raise BadRequest("too many header fields", 431)
@@ -207,6 +212,8 @@ class RequestParser:
         self.framing_bytes = 0
         req.method = parser.get_method().decode("latin-1")
         req.version = parser.get_http_version()
+        if req.version not in ("1.0", "1.1"):  # (llhttp takes HTTP/0.9 and any x.y; Go answers 505)
+            raise BadRequest(f"HTTP version {req.version} not supported", 505)
         req.keep_alive = parser.should_keep_alive()
         req.expect_continue = False
         req.chunked = False

@@ -128,6 +128,20 @@ def test_client_closing_mid_body_does_not_hurt_the_server(tunnel):
 
 # -- the sans-io parser alone ------------------------------------------------------------
 
+def test_an_http2_preface_or_http_0_9_gets_505_and_the_connection_closes(tunnel):
+    for raw in (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET /hello\r\n\r\n"):
+        s, f = connect(tunnel)
+        with s:
+            s.sendall(raw)
+            r, body = response(f)
+            assert (r.status, body) == (505, b"HTTP Version Not Supported\n")
+            assert s.recv(1) == b""
+    s, f = connect(tunnel)  # and the front serves on
+    with s:
+        s.sendall(b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        assert response(f)[1] == b"Hello, World!"
+
+
 def test_parser_byte_by_byte_pipelined_chunked_and_limits():
     import pytest
     from reverst.http1 import MAX_FIELDS, BadRequest, RequestParser
@@ -144,10 +158,18 @@ def test_parser_byte_by_byte_pipelined_chunked_and_limits():
     assert (b"".join(first.chunks), first.complete, first.keep_alive) == (b"abcde", True, True)
     assert (second.method, second.version, second.keep_alive, second.complete) == ("GET", "1.0", False, True)
 
+    p = RequestParser()  # trailer fields are not forwarded, nor taken for head fields
+    p.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+           b"X-Trailer: 1\r\nHost: other\r\n\r\n")
+    (req,) = p.requests
+    assert (req.fields, req.complete) == ([("Host", "h"), ("Transfer-Encoding", "chunked")], True)
+
     for bad, status in [(b"GET / HTTP/1.1\r\nA: 1\r\n  folded\r\n\r\n", 400),
                         (b"GET / HTTP/1.1\r\n" + b"A: 1\r\n" * (MAX_FIELDS + 1) + b"\r\n", 431),
                         (b"GET / HTTP/1.1\r\nA: " + b"a" * 70000, 431),
                         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+                        (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+                        (b"GET /\r\n\r\n", 505),  # HTTP/0.9
                         (b"\x16\x03\x01\x02\x00\x01\x00", 400)]:  # a TLS ClientHello
         p = RequestParser()
         with pytest.raises(BadRequest) as info:
