@@ -454,10 +454,20 @@ class TunnelServer:
             self.metrics.registration(group_name, protocol.REASON_NOT_FOUND, known_group=False)
             conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND)
             return
+        conn._check_closed()
+        if not conn.is_open:  # the client left right after its answer (before HTTP/3 started on it)
+            logger.debug("%s: closed right after registering: %s", peer, conn.close_reason)
+            self.metrics.registration(group_name, "closed", known_group=True)
+            return
+        try:
+            conn.attach_h3(http_client=True)
+        except conn._stream_errors as exc:  # (qh3: the connection closed this very moment)
+            logger.debug("%s: closed right after registering: %s", peer, exc)
+            self.metrics.registration(group_name, "closed", known_group=True)
+            return
         self.metrics.registration(group_name, None, known_group=True)
         self.metrics.tunnel_registered(conn, group_name, peer)
         self._registered_total += 1
-        conn.attach_h3(http_client=True)
         self._slots[conn] = gevent.lock.BoundedSemaphore(MAX_REQUESTS_PER_CONNECTION)
         tunnels = self._tunnels.setdefault(group_name, _Tunnels())
         tunnels.connections.append(conn)

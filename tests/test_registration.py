@@ -210,3 +210,24 @@ def test_auto_falls_back_to_aioquic_for_a_self_signed_ca_certificate_that_qh3_re
                       ca_file=cert, auth=BasicAuth("user", "pass"), quic_backend="qh3", max_retries=0)
     with gevent.Timeout(10), pytest.raises(ServerError, match="certificate"):
         explicit.dial_and_serve()
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.002, 0.01])
+def test_a_client_that_closes_right_after_registering_leaves_no_traceback(raw, server, wait):
+    """The connection may close between the registration's answer and the start of HTTP/3
+    on it (a client that registers and leaves at once): no traceback, and reverstd serves on."""
+    from reverst.auth import basic_authorization
+    payload = protocol.encode_request(protocol.RegisterRequest(
+        "app.test", {"Authorization": basic_authorization("user", "pass")}))
+    for _ in range(5):
+        tunnel = raw()
+        stream = tunnel.conn.open_stream()
+        stream.write(payload)
+        gevent.sleep(wait)
+        tunnel.conn.close(0, "bye")
+        tunnel.conn.transmit()
+        tunnel.close()
+    time.sleep(0.5)
+    data, closed = raw().register(payload)
+    assert closed is None and data
+    assert "Traceback" not in server.output(), server.output()[-3000:]
