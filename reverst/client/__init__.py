@@ -365,12 +365,14 @@ class Client:
             self._set_slot_state(self._slots()[0], self._slots()[0].state)  # (the overall state)
 
     def _retire(self, slot: _Slot) -> None:
-        """A replica left the name: no more reconnecting; its connection finishes what it
-        carries (up to 10 s) and closes with 0x0."""
+        """A replica left the name: no more reconnecting; its connection says GOAWAY,
+        finishes what it carries (up to 10 s) and closes with 0x0."""
         self._retired.append(slot)
         if slot.runner is not None:
             slot.runner.kill(block=False)
         conn = slot.conn
+        if conn is not None:
+            conn.send_goaway()  # reverstd sends it no new request: it gets idle soon
 
         def close_when_idle() -> None:
             with gevent.Timeout(10, False):
