@@ -64,7 +64,89 @@ PROFILES = [
     ("1%/10ms+5ms", Impairment(loss=0.01, delay=0.010, jitter=0.005)),
     ("3%/20ms+10ms", Impairment(loss=0.03, delay=0.020, jitter=0.010)),
     ("5%/50ms", Impairment(loss=0.05, delay=0.050)),
+    # issue 15: 1% and 5% loss at 20-100 ms RTT, with jitter that reorders
+    ("1%/25ms+10ms", Impairment(loss=0.01, delay=0.025, jitter=0.010)),
+    ("1%/50ms+10ms", Impairment(loss=0.01, delay=0.050, jitter=0.010)),
+    ("5%/10ms+5ms", Impairment(loss=0.05, delay=0.010, jitter=0.005)),
+    ("5%/25ms+10ms", Impairment(loss=0.05, delay=0.025, jitter=0.010)),
+    ("5%/50ms+10ms", Impairment(loss=0.05, delay=0.050, jitter=0.010)),
 ]
+
+
+#: The local service: GET /<file> from the www directory, POST /upload answered with the
+#: body's size and SHA-256 (as JSON), read as it arrives (Content-Length or chunked).
+PY_BACKEND = r"""
+import hashlib, http.server, json, os, shutil, socket, socketserver, sys
+port, www = int(sys.argv[1]), sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def do_GET(self):
+        path = os.path.join(www, os.path.basename(self.path.split("?")[0]))
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(os.path.getsize(path)))
+        self.end_headers()
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, self.wfile, 256 * 1024)
+    def do_POST(self):
+        digest, size = hashlib.sha256(), 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                n = int(self.rfile.readline().split(b";")[0], 16)
+                if n == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                data = self.rfile.read(n)
+                digest.update(data)
+                size += len(data)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                data = self.rfile.read(min(left, 256 * 1024))
+                if not data:
+                    break
+                digest.update(data)
+                size += len(data)
+                left -= len(data)
+        body = json.dumps({"size": size, "sha256": digest.hexdigest()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+Server(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+NGINX_CONF = """
+daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    root {tmp}/www;
+    location = /upload {{
+      client_max_body_size 1g; proxy_request_buffering off; proxy_buffering off;
+      proxy_http_version 1.1; proxy_set_header Connection ""; proxy_pass http://127.0.0.1:{hasher};
+    }}
+  }}
+}}
+"""
 
 
 def data_of(size: int, seed: int) -> bytes:

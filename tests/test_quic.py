@@ -458,3 +458,74 @@ def test_closed_event_is_set_as_soon_as_close_is_received(small):
     assert len(terminated) == 1
     assert (terminated[0].error_code, terminated[0].reason_phrase) == (2, "unauthorized")
     assert client.closed_event is not None
+
+
+# -- aioquic: loss detection that adapts to reordering --------------------------------------------
+def _recovery():
+    from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
+    from reverst.quic._aioquic import CONGESTION_CONTROL, _ReorderingRecovery
+    rec = QuicPacketRecovery(congestion_control_algorithm=CONGESTION_CONTROL, initial_rtt=0.1,
+                             max_datagram_size=1200, peer_completed_address_validation=True,
+                             send_probe=lambda: None)
+    _ReorderingRecovery.install(rec)
+    space = QuicPacketSpace(is_application_data=True)
+    rec.spaces = [space]
+    return rec, space
+
+
+def _send(rec, space, pns, now):
+    from aioquic.quic.packet import QuicPacketType
+    from aioquic.quic.packet_builder import QuicSentPacket
+    from aioquic.tls import Epoch
+    for pn in pns:
+        rec.on_packet_sent(packet=QuicSentPacket(epoch=Epoch.ONE_RTT, in_flight=True, is_ack_eliciting=True,
+                                                 is_crypto_packet=False, packet_number=pn,
+                                                 packet_type=QuicPacketType.ONE_RTT, sent_time=now,
+                                                 sent_bytes=1200),
+                           space=space)
+
+
+def _ack(rec, space, ranges, now):
+    from aioquic.quic.rangeset import RangeSet
+    acked = RangeSet()
+    for start, stop in ranges:
+        acked.add(start, stop)
+    rec.on_ack_received(ack_rangeset=acked, ack_delay=0.0, now=now, space=space)
+
+
+@aioquic_only
+def test_aioquic_a_reordered_packet_declared_lost_raises_the_threshold_and_undoes_the_cut():
+    rec, space = _recovery()
+    _send(rec, space, range(0, 20), now=0.001)
+    _ack(rec, space, [(0, 10)], now=0.05)  # an RTT sample; slow start goes on
+    assert rec._cc.ssthresh is None  # slow start
+    # packet 10 is overtaken by 11-16: 3 packets later it is declared lost, the window cut
+    _ack(rec, space, [(0, 10), (11, 17)], now=0.051)
+    assert rec.lost_total == 1 and rec._cc.ssthresh is not None
+    window = rec._cc.congestion_window
+    # ... and it arrives after all: it was reordering, not loss
+    _ack(rec, space, [(0, 17)], now=0.053)
+    assert rec.spurious_total == 1
+    assert rec.packet_threshold == 7  # (16 - 10 + 1): that reordering is now tolerated
+    assert rec._cc.ssthresh is None and rec._cc.congestion_window > window  # the cut is undone
+    # the same reordering again is no loss
+    _send(rec, space, range(20, 40), now=0.06)
+    _ack(rec, space, [(0, 20), (21, 27)], now=0.11)
+    assert rec.lost_total == 1
+    _ack(rec, space, [(0, 27)], now=0.112)
+    # a real loss is still detected, by the time threshold at the latest
+    _ack(rec, space, [(0, 30), (31, 40)], now=0.115)
+    assert rec.lost_total == 2
+    assert space.loss_time is None and 30 not in space.sent_packets
+
+
+@aioquic_only
+def test_aioquic_a_real_loss_keeps_the_window_cut():
+    rec, space = _recovery()
+    _send(rec, space, range(0, 20), now=0.001)
+    _ack(rec, space, [(0, 10)], now=0.05)
+    _ack(rec, space, [(0, 10), (11, 20)], now=0.051)  # 10 never comes
+    assert rec.lost_total == 1 and rec.spurious_total == 0
+    window = rec._cc.congestion_window
+    _ack(rec, space, [(0, 10), (11, 20)], now=0.06)  # (a duplicate ACK changes nothing)
+    assert rec._cc.ssthresh is not None and rec._cc.congestion_window == window and rec.packet_threshold == 3

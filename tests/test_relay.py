@@ -510,3 +510,32 @@ def test_a_2mb_download_through_a_tunnel_with_1pct_loss_and_10ms_each_way(certs,
     assert s["flows"] == 1
     assert s["up"]["dropped"]["loss"] + s["down"]["dropped"]["loss"] > 0  # it did go through the relay
     assert s["up"]["bytes_forwarded"] > size  # the response flows from the tunnel client to reverstd
+
+
+@pytest.mark.timeout(60)
+def test_bodies_intact_both_ways_at_5pct_loss_with_reordering(certs, groups_file, procs, relay_factory):
+    """5% loss and 10 ms each way with 5 ms of jitter that reorders, on both directions: a
+    download and an upload (SHA-256 checked by the app) arrive whole, within a bound."""
+    server = Server(certs, groups_file)
+    procs.append(server)
+    imp = Impairment(loss=0.05, delay=0.01, jitter=0.005)
+    relay = relay_factory(server, up=imp, down=imp, seed=7)
+    procs.append(TunnelClient(through(relay), certs))
+    size = 256 * 1024
+    expected = hashlib.sha256(b"".join(pattern(size))).hexdigest()
+    digest, got = hashlib.sha256(), 0
+    start = time.monotonic()
+    with requests.get(server.url(f"/download/{size}"), headers={"Host": "app.test"}, stream=True,
+                      timeout=(10, 15)) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_content(65536):
+            digest.update(chunk)
+            got += len(chunk)
+            assert time.monotonic() - start < 25, f"only {got} bytes down in 25 s"
+    assert got == size and digest.hexdigest() == expected
+    body = hashlib.sha256(b"up").digest() * (size // 32)
+    r = requests.post(server.url("/upload"), data=body, headers={"Host": "app.test"}, timeout=(10, 25))
+    assert r.status_code == 200
+    assert r.json() == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    s = relay.stats()
+    assert s["up"]["dropped"]["loss"] and s["down"]["dropped"]["loss"]  # both directions lost some
