@@ -163,6 +163,12 @@ MAX_HANDSHAKES_PER_ADDRESS = 16
 MAX_UNREGISTERED = 512       # past the handshake, not registered (yet), in all
 MAX_UNREGISTERED_PER_ADDRESS = 32
 HANDSHAKE_TIMEOUT = 5.0      # an unfinished handshake is dropped after this long (seconds)
+#: Addresses that registered a tunnel before (the last KNOWN_ADDRESSES of them) have this
+#: many more handshakes, and unregistered connections, beyond the caps: a flood of real
+#: handshakes from fresh addresses (which a Retry does not stop) does not lock out the
+#: tunnel clients that reconnect. (A spoofed known address gets a Retry first, when enabled.)
+KNOWN_RESERVE = 32
+KNOWN_ADDRESSES = 10000
 
 #: Refusal reasons (the ``reason`` label of reverst_quic_handshakes_refused_total).
 REFUSAL_REASONS = ("handshakes", "handshakes_per_address", "unregistered", "unregistered_per_address",
@@ -195,7 +201,7 @@ class Admission:
                  max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS,
                  max_unregistered: int = MAX_UNREGISTERED,
                  max_unregistered_per_address: int = MAX_UNREGISTERED_PER_ADDRESS,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, known_reserve: int = KNOWN_RESERVE) -> None:
         self.mode = Mode(mode)
         self.tokens = tokens or RetryTokens()
         self.retry_threshold = retry_threshold
@@ -204,6 +210,9 @@ class Admission:
         self.max_unregistered = max_unregistered
         self.max_unregistered_per_address = max_unregistered_per_address
         self.handshake_timeout = handshake_timeout
+        self.known_reserve = known_reserve
+        #: source addresses that registered a tunnel, oldest first
+        self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: key -> (source ip, stage); handshaking keys also in _deadlines, in deadline order
         self._state: dict[Hashable, tuple[str, int]] = {}
         self._deadlines: collections.OrderedDict[Hashable, float] = collections.OrderedDict()
@@ -240,11 +249,12 @@ class Admission:
                 return self._refuse("invalid_token")  # (its Retry parameters could not match)
             rscid = header.destination_cid
         # (another token, e.g. from a NEW_TOKEN of some other server: as if none, RFC 9000 §8.1.3)
-        if self.unregistered >= self.max_unregistered:
+        reserve = self.known_reserve if ip in self._known else 0
+        if self.unregistered >= self.max_unregistered + reserve:
             return self._refuse("unregistered")
         if self._unregistered_by_ip.get(ip, 0) >= self.max_unregistered_per_address:
             return self._refuse("unregistered_per_address")
-        over_total = self.handshaking >= self.max_handshakes
+        over_total = self.handshaking >= self.max_handshakes + reserve
         over_address = self._handshaking_by_ip.get(ip, 0) >= self.max_handshakes_per_address
         if rscid is None and self.mode is not Mode.NEVER and (
                 self.mode is Mode.ALWAYS or over_total or over_address or self.handshaking >= self.retry_threshold):
@@ -294,10 +304,18 @@ class Admission:
         self.unregistered += 1
 
     def registered(self, key: Hashable) -> None:
-        """The connection is a tunnel now: no longer counted."""
-        self._leave_stage(key)
+        """The connection is a tunnel now: no longer counted, and its address known."""
+        ip = self._leave_stage(key)
+        if ip is not None:
+            known = self._known
+            known[ip] = None
+            known.move_to_end(ip)
+            if len(known) > KNOWN_ADDRESSES:
+                known.popitem(last=False)
 
-    ended = registered  # (closed, at whatever stage)
+    def ended(self, key: Hashable) -> None:
+        """The connection closed (at whatever stage)."""
+        self._leave_stage(key)
 
     def expired(self, now: float) -> list[Hashable]:
         """The connections whose handshake is overdue, no longer counted (as refused
