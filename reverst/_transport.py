@@ -44,6 +44,9 @@ RECV_BATCH = 64
 MAX_DATAGRAM = 65536
 #: At most one log line about refused handshakes and Retry packets per this many seconds.
 ADMISSION_LOG_INTERVAL = 10.0
+#: The longest closing period (seconds) of a connection the server closes before it
+#: registered (a registration refused or timed out, the unregistered cap): Connection.close(linger=).
+CLOSE_LINGER_UNREGISTERED = 1.0
 
 # ICMP errors on unconnected UDP sockets (Linux IP_RECVERR / IPV6_RECVERR, not in Python's
 # socket module before 3.12): a datagram to a peer whose port is closed (a tunnel client
@@ -483,6 +486,8 @@ class Connection:
         self._timer_at: float | None = None
         self._transmit_scheduled = False
         self._process_scheduled = False
+        self._close_by: float | None = None  # (see close(linger=))
+        self._ended = False  # _terminated() ran: removed from the endpoint
         endpoint._add(self)
 
     def __repr__(self) -> str:
@@ -546,6 +551,8 @@ class Connection:
 
     def transmit(self) -> None:
         self._transmit_scheduled = False
+        if self._ended:
+            return
         datagrams = self.quic.datagrams_to_send(now=now())
         if datagrams:
             self.endpoint.send_datagrams(datagrams)
@@ -554,7 +561,11 @@ class Connection:
         self._wake_writers()  # (with qh3, what is sent no longer counts as buffered)
 
     def _arm_timer(self) -> None:
+        if self._ended:
+            return
         at = self.quic.get_timer()
+        if self._close_by is not None and (at is None or self._close_by < at):
+            at = self._close_by
         if at is None:
             self._stop_timer()
             return
@@ -573,7 +584,11 @@ class Connection:
 
     def _on_timer(self) -> None:
         self._stop_timer()
-        self.quic.handle_timer(now=now())
+        t = now()
+        if self._close_by is not None and t >= self._close_by:
+            self._terminated(self.quic.closed_event)  # the closing period is over (close(linger=))
+            return
+        self.quic.handle_timer(now=t)
         self.process()
 
     # -- events ---------------------------------------------------------------------
@@ -584,9 +599,12 @@ class Connection:
             if isinstance(event, stream_events):
                 self._stream_event(event)
             elif isinstance(event, ev.HandshakeCompleted):
+                admission = self.endpoint.admission
+                if admission is not None and not admission.handshake_done(self):
+                    # over the unregistered caps (checked at its Initial, passed meanwhile):
+                    # 0x1, the client retries later
+                    self._begin_close(AppErrorCode.SERVER_ERROR, "server busy", CLOSE_LINGER_UNREGISTERED)
                 self.handshake_done.set()
-                if self.endpoint.admission is not None:
-                    self.endpoint.admission.handshake_done(self)
             elif isinstance(event, ev.ConnectionIdIssued):
                 self.cids.add(event.connection_id)
                 self.endpoint._by_cid[event.connection_id] = self
@@ -742,10 +760,20 @@ class Connection:
             self.schedule_transmit()
 
     # -- closing ----------------------------------------------------------------------
-    def close(self, error_code: int = AppErrorCode.OK, reason: str = "") -> None:
+    def close(self, error_code: int = AppErrorCode.OK, reason: str = "", linger: float | None = None) -> None:
+        """Send CONNECTION_CLOSE. The library then keeps the connection in its closing state
+        (answering late packets with the close again) for 3 PTO (RFC 9000 §10.2) before it
+        reports the end; ``linger`` bounds that (seconds): for connections that are nothing
+        to us yet, whose PTO can be inflated (RTT samples taken while the process is starved
+        of CPU during a flood made it 8-20 s). A peer that writes after it gets a stateless reset."""
         if not self.closed.is_set():
-            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self._begin_close(error_code, reason, linger)
             self.transmit()
+
+    def _begin_close(self, error_code: int, reason: str, linger: float | None) -> None:
+        if linger is not None:
+            self._close_by = now() + linger
+        self.quic.close(error_code=error_code, reason_phrase=reason)
 
     def _raise_if_closed(self) -> None:
         if self.close_reason is not None:
@@ -780,6 +808,9 @@ class Connection:
                 logger.exception("close callback failed")
 
     def _terminated(self, event=None) -> None:
+        if self._ended:
+            return
+        self._ended = True
         self._mark_closed(event or self._ev.ConnectionTerminated(
             error_code=AppErrorCode.OK, frame_type=None, reason_phrase="endpoint closed"))
         self._stop_timer()

@@ -23,7 +23,7 @@ import gevent.server
 import gevent.socket
 import gevent.ssl as gevent_ssl
 from . import auth, http1, protocol, websocket
-from ._transport import Connection, Endpoint, H3Stream
+from ._transport import CLOSE_LINGER_UNREGISTERED, Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .forwarding import TrustedProxies, visitor_address
 from .forwarding import rebuild as rebuild_forwarding
@@ -454,16 +454,16 @@ class TunnelServer:
                                       known_group=group_name in self.groups.groups)
             log = logger.debug if isinstance(exc, NotFound) else logger.info
             log("registration from %s rejected (group %r): %s", peer, group_name, exc)
-            conn.close(code, reason)
+            conn.close(code, reason, linger=CLOSE_LINGER_UNREGISTERED)
             return
         except Exception:
             logger.exception("registration from %s failed", peer)
             self.metrics.registration(group_name, "internal error", known_group=False)
-            conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error")
+            conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error", linger=CLOSE_LINGER_UNREGISTERED)
             return
         if self.groups.group(group_name) is None:  # removed by a reload meanwhile
             self.metrics.registration(group_name, protocol.REASON_NOT_FOUND, known_group=False)
-            conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND)
+            conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND, linger=CLOSE_LINGER_UNREGISTERED)
             return
         self.metrics.registration(group_name, None, known_group=True)
         self.metrics.tunnel_registered(conn, group_name, peer)

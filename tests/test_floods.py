@@ -26,7 +26,7 @@ from .apps import app as flask_app
 from .conftest import ROOT
 from .gopeer import GoClient, go_missing_reason, local_service
 from .observe import ManagedServer, eventually
-from .relay import load_bench
+from .relay import Impairment, load_bench, relay_factory  # noqa: F401 (fixture)
 
 flood = load_bench("flood")
 
@@ -64,6 +64,17 @@ def register(server, certs, backend: str | None = None, timeout: float = 5.0) ->
         client.stop(1)
         runner.join(2)
         runner.kill(block=False)
+
+
+def wait_until(check, timeout: float, interval: float = 0.1) -> bool:
+    """Whether ``check()`` came true within ``timeout`` (in greenlets: this process's QUIC
+    endpoints keep running meanwhile, as tests.observe.eventually's time.sleep would not let them)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(interval)
+    return True
 
 
 def raw_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -149,6 +160,29 @@ def test_admission_caps_retry_and_handshake_timeout():
     never.ended("x")  # (after the drop: no double count)
     assert never.handshaking == 0
 
+
+
+def test_admission_unregistered_caps_hold_at_handshake_completion():
+    """The unregistered caps are checked at the Initial, but handshakes admitted before the
+    count filled finish later: those past the caps are refused at completion (the shell closes
+    them, 0x1 "server busy"), so ``unregistered`` never exceeds ``max_unregistered``."""
+    a = Admission("never", max_handshakes=10, max_handshakes_per_address=10, max_unregistered=2,
+                  max_unregistered_per_address=2, known_reserve=1)
+    for i in range(4):
+        a.started(i, (f"10.0.0.{i % 2}", 1), 0.0)
+    assert [a.handshake_done(i) for i in range(4)] == [True, True, False, False]
+    assert a.unregistered == 2 and a.handshaking == 0 and a.refused["unregistered"] == 2
+    a.ended(2)  # (its close: nothing counted any more)
+    assert a.unregistered == 2
+    a.ended(0)
+    assert a.unregistered == 1
+    for i in range(4, 7):
+        a.started(i, ("10.0.0.9", 1), 0.0)
+    assert [a.handshake_done(i) for i in range(4, 7)] == [True, False, False]
+    assert a.unregistered == 2 and a.refused["unregistered"] == 4
+    # one handshake_timeout refusal per connection, however often expired() runs
+    a.started("slow", ("10.0.0.8", 1), 0.0)
+    assert a.expired(10.0) == ["slow"] and a.expired(20.0) == [] and a.refused["handshake_timeout"] == 1
 
 # -- a client registers through a Retry ---------------------------------------------------------------
 @pytest.mark.parametrize("retry", ["always", "never"])
@@ -251,3 +285,36 @@ def test_a_flood_of_initials_is_capped_freed_and_with_retry_does_not_delay_regis
                       timeout=HANDSHAKE_TIMEOUT + 3)
     assert server.metrics()["reverst_quic_handshakes_refused_total", {"reason": "handshake_timeout"}] >= 1
     register(server, certs)  # and a client still gets in
+
+
+# -- connections that never register ------------------------------------------------------------------
+def test_a_connection_that_never_registers_is_gone_soon_after_the_registration_timeout(managed, relay_factory):
+    """A connection past the handshake that never registers is closed at the registration
+    timeout, and leaves the counts soon after, however long its round trip looked: its closing
+    period (RFC 9000 §10.2: 3 PTO) is bounded. (Under a flood the RTT samples, taken while
+    reverstd is starved of CPU, made 3 PTO 8-20 s: the unregistered count lagged that long.)
+    A round trip of 0.6 s through a relay stands in for the starvation here."""
+    from reverst._transport import Endpoint
+    from reverst.quic import load_backend
+    registration_timeout = 2.0
+    server = managed("never", "--registration-timeout", f"{registration_timeout}s")
+    relay = relay_factory(server, up=Impairment(delay=0.3), down=Impairment(delay=0.3))
+    backend = load_backend()
+    cfg = backend.client_configuration(server_name="localhost", idle_timeout=30.0, max_datagram_size=1452,
+                                       insecure=True)
+    endpoint = Endpoint.bind("127.0.0.1", 0, backend=backend)
+    endpoint.start()
+    try:
+        conn = endpoint.connect(relay.address, cfg)
+        assert conn.handshake_done.wait(5), "no handshake"
+        assert wait_until(lambda: server.metrics()["reverst_quic_unregistered_connections"] == 1, 2.0)
+        # reverstd closes it at the registration timeout (counted from its first packet)...
+        assert conn.closed.wait(registration_timeout + 2), "not closed at the registration timeout"
+        assert conn.close_reason.error_code == 0x1 and "timed out" in str(conn.close_reason)
+        closed = time.monotonic()
+        # ... and forgets it one (bounded) closing period later: not 3 PTO (~5 s here)
+        assert wait_until(lambda: server.metrics()["reverst_quic_unregistered_connections"] == 0, 30.0)
+        took = time.monotonic() - closed
+    finally:
+        endpoint.close()
+    assert took < 1.5, f"still counted {took:.1f}s after its close"

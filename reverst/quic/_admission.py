@@ -294,14 +294,26 @@ class Admission:
             del counts[ip]
         return ip
 
-    def handshake_done(self, key: Hashable) -> None:
+    def handshake_done(self, key: Hashable) -> bool:
+        """The handshake finished: the connection counts as unregistered now; or, when that
+        would pass the unregistered caps (checked at its Initial, but handshakes admitted
+        meanwhile finish too), False: no longer counted (refused as "unregistered..."), the
+        caller closes it."""
         state = self._state.get(key)
         if state is None or state[1] != _HANDSHAKING:
-            return
+            return True
         ip = self._leave_stage(key)
+        reserve = self.known_reserve if ip in self._known else 0
+        if self.unregistered >= self.max_unregistered + reserve:
+            self.refused["unregistered"] += 1
+            return False
+        if self._unregistered_by_ip.get(ip, 0) >= self.max_unregistered_per_address:
+            self.refused["unregistered_per_address"] += 1
+            return False
         self._state[key] = (ip, _UNREGISTERED)
         self._unregistered_by_ip[ip] = self._unregistered_by_ip.get(ip, 0) + 1
         self.unregistered += 1
+        return True
 
     def registered(self, key: Hashable) -> None:
         """The connection is a tunnel now: no longer counted, and its address known."""
