@@ -32,8 +32,8 @@ from .errors import ConnectionClosed, StreamReset
 from .http3 import H3_ERROR_NAMES, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
 from .logs import format_address
 from .protocol import AppErrorCode
-from .quic import (CID_LENGTH, encode_stateless_reset, encode_version_negotiation, load_backend,
-                   parse_header_untrusted, stateless_reset_token)
+from .quic import (CID_LENGTH, Admission, encode_stateless_reset, encode_version_negotiation,
+                   initial_token_untrusted, load_backend, parse_header_untrusted, stateless_reset_token)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ SEND_HIGH_WATER = 1024 * 1024
 SEND_LOW_WATER = SEND_HIGH_WATER // 2
 RECV_BATCH = 64
 MAX_DATAGRAM = 65536
+#: At most one log line about refused handshakes and Retry packets per this many seconds.
+ADMISSION_LOG_INTERVAL = 10.0
+#: The longest closing period (seconds) of a connection the server closes before it
+#: registered (a registration refused or timed out, the unregistered cap): Connection.close(linger=).
+CLOSE_LINGER_UNREGISTERED = 1.0
 
 # ICMP errors on unconnected UDP sockets (Linux IP_RECVERR / IPV6_RECVERR, not in Python's
 # socket module before 3.12): a datagram to a peer whose port is closed (a tunnel client
@@ -84,7 +89,7 @@ class Endpoint:
     def __init__(self, sock: gevent.socket.socket, *, backend=None, server_config=None,
                  empty_cid_fallback: Callable[[], tuple] | None = None,
                  on_connection: Callable[["Connection"], None] | None = None,
-                 connection_options: dict | None = None) -> None:
+                 connection_options: dict | None = None, admission: Admission | None = None) -> None:
         self.sock = sock
         self._raw = sock._sock  # the non-blocking stdlib socket under gevent's
         #: the QUIC backend module (reverst.quic); its configurations must be used with it
@@ -99,6 +104,11 @@ class Endpoint:
         self._connection_options = connection_options or {}
         self._by_cid: dict[bytes, Connection] = {}
         self.connections: set[Connection] = set()
+        self._by_peer: dict[tuple, set[Connection]] = {}  # (ICMP errors name the peer)
+        #: who gets a connection (servers; reverst.quic._admission): Retry, caps, handshake timeout
+        self.admission = admission
+        self._admission_logged: tuple[float, int, int] = (0.0, 0, 0)  # (when, refusals, retries)
+        self._sweeper: gevent.Greenlet | None = None
         self.dropped_datagrams = 0
         self._gso = _offload_enabled()
         self._gro = _offload_enabled() and _enable_gro(sock)
@@ -127,12 +137,15 @@ class Endpoint:
 
     def start(self) -> None:
         self._reader = gevent.spawn(self._read_loop)
+        if self.admission is not None:
+            self._sweeper = gevent.spawn(self._sweep_handshakes)
 
     def close(self) -> None:
         for conn in list(self.connections):
             conn._terminated()
-        if self._reader is not None:
-            self._reader.kill(block=False)
+        for greenlet in (self._reader, self._sweeper):
+            if greenlet is not None:
+                greenlet.kill(block=False)
         self.sock.close()
 
     # -- connections --------------------------------------------------------------
@@ -145,15 +158,28 @@ class Endpoint:
 
     def _add(self, conn: "Connection") -> None:
         self.connections.add(conn)
+        self._by_peer.setdefault(conn.peer[:2], set()).add(conn)
         for cid in conn.cids:
             self._by_cid[cid] = conn
 
     def _remove(self, conn: "Connection") -> None:
         self.connections.discard(conn)
+        peers = self._by_peer.get(conn.peer[:2])
+        if peers is not None:
+            peers.discard(conn)
+            if not peers:
+                del self._by_peer[conn.peer[:2]]
         for cid in conn.cids:
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
         conn.cids.clear()
+        if self.admission is not None:
+            self.admission.ended(conn)
+
+    def registered(self, conn: "Connection") -> None:
+        """The server took ``conn`` as a tunnel: it no longer counts as unregistered."""
+        if self.admission is not None:
+            self.admission.registered(conn)
 
     def _route(self, data: bytes, addr: tuple) -> "Connection | None":
         if self._server_config is None:  # client: one connection per socket
@@ -199,13 +225,57 @@ class Endpoint:
         if not header.initial:
             self.dropped_datagrams += 1
             return None
-        quic = backend.server_connection(cfg, header.destination_cid, **self._connection_options)
+        original, retry_cid = header.destination_cid, None
+        admission = self.admission
+        if admission is not None:
+            token = initial_token_untrusted(data, header)
+            if token is None:
+                self.dropped_datagrams += 1
+                return None
+            t = now()
+            verdict = admission.admit_untrusted(header, token, addr, t, os.urandom(CID_LENGTH))
+            if verdict.action != "accept":
+                if verdict.action == "retry":
+                    self._sendto(admission.retry_packet(header, addr, verdict.retry_cid, t), addr)
+                self._log_admission(t)
+                return None
+            original, retry_cid = verdict.original_cid, verdict.retry_cid
+        quic = backend.server_connection(cfg, original, retry_cid, **self._connection_options)
         conn = Connection(self, quic, addr, backend)
         conn.cids.add(header.destination_cid)
         self._add(conn)
+        if admission is not None:
+            admission.started(conn, addr, now())
         if self._on_connection is not None:
             self._on_connection(conn)
         return conn
+
+    def _log_admission(self, t: float) -> None:
+        """One line at most every ADMISSION_LOG_INTERVAL seconds while handshakes are refused
+        or answered with a Retry (a flood must not flood the log too)."""
+        when, refused_before, retries_before = self._admission_logged
+        if t - when < ADMISSION_LOG_INTERVAL:
+            return
+        admission = self.admission
+        refused = sum(admission.refused.values())
+        self._admission_logged = (t, refused, admission.retries)
+        reasons = ", ".join(f"{k} {v}" for k, v in admission.refused.items() if v)
+        log = logger.debug if refused == refused_before and admission.mode.value == "always" else logger.info
+        log("new QUIC connections: %d answered with a Retry, %d refused since the last report (refusals so far: %s); "
+            "%d handshakes in progress, %d connections not registered yet", admission.retries - retries_before,
+            refused - refused_before, reasons or "none", admission.handshaking, admission.unregistered)
+
+    def _sweep_handshakes(self) -> None:
+        """Drop the connections whose handshake is overdue (the admission's timeout), silently:
+        the peer never proved it can answer, nothing more is sent to it."""
+        admission = self.admission
+        while True:
+            deadline = admission.next_deadline()
+            gevent.sleep(1.0 if deadline is None else min(1.0, max(0.05, deadline - now())))
+            for conn in admission.expired(now()):
+                logger.debug("%r: handshake not finished in %gs: dropped", conn, admission.handshake_timeout)
+                conn._terminated(conn._ev.ConnectionTerminated(
+                    error_code=AppErrorCode.SERVER_ERROR, frame_type=None, reason_phrase="handshake timeout"))
 
     def _read_loop(self) -> None:
         hub = gevent.get_hub()
@@ -356,10 +426,9 @@ class Endpoint:
                     self._unreachable(addr[:2], err)
 
     def _unreachable(self, addr: tuple, err: int) -> None:
-        for conn in list(self.connections):
-            if conn.peer[:2] == addr:
-                logger.debug("%r: ICMP says %s", conn, errno.errorcode.get(err, err))
-                conn.suspect("peer unreachable")
+        for conn in list(self._by_peer.get(addr, ())):
+            logger.debug("%r: ICMP says %s", conn, errno.errorcode.get(err, err))
+            conn.suspect("peer unreachable")
 
 
 def _enable_gro(sock) -> bool:
@@ -419,6 +488,8 @@ class Connection:
         self._timer_at: float | None = None
         self._transmit_scheduled = False
         self._process_scheduled = False
+        self._close_by: float | None = None  # (see close(linger=))
+        self._ended = False  # _terminated() ran: removed from the endpoint
         endpoint._add(self)
 
     def __repr__(self) -> str:
@@ -482,6 +553,8 @@ class Connection:
 
     def transmit(self) -> None:
         self._transmit_scheduled = False
+        if self._ended:
+            return
         datagrams = self.quic.datagrams_to_send(now=now())
         if datagrams:
             self.endpoint.send_datagrams(datagrams)
@@ -490,7 +563,11 @@ class Connection:
         self._wake_writers()  # (with qh3, what is sent no longer counts as buffered)
 
     def _arm_timer(self) -> None:
+        if self._ended:
+            return
         at = self.quic.get_timer()
+        if self._close_by is not None and (at is None or self._close_by < at):
+            at = self._close_by
         if at is None:
             self._stop_timer()
             return
@@ -509,7 +586,11 @@ class Connection:
 
     def _on_timer(self) -> None:
         self._stop_timer()
-        self.quic.handle_timer(now=now())
+        t = now()
+        if self._close_by is not None and t >= self._close_by:
+            self._terminated(self.quic.closed_event)  # the closing period is over (close(linger=))
+            return
+        self.quic.handle_timer(now=t)
         self.process()
 
     # -- events ---------------------------------------------------------------------
@@ -520,6 +601,11 @@ class Connection:
             if isinstance(event, stream_events):
                 self._stream_event(event)
             elif isinstance(event, ev.HandshakeCompleted):
+                admission = self.endpoint.admission
+                if admission is not None and not admission.handshake_done(self):
+                    # over the unregistered caps (checked at its Initial, passed meanwhile):
+                    # 0x1, the client retries later
+                    self._begin_close(AppErrorCode.SERVER_ERROR, "server busy", CLOSE_LINGER_UNREGISTERED)
                 self.handshake_done.set()
             elif isinstance(event, ev.ConnectionIdIssued):
                 self.cids.add(event.connection_id)
@@ -691,10 +777,20 @@ class Connection:
             self.h3.send_goaway((1 << 62) - 3 if stream_id is None else stream_id)
             self.schedule_transmit()
 
-    def close(self, error_code: int = AppErrorCode.OK, reason: str = "") -> None:
+    def close(self, error_code: int = AppErrorCode.OK, reason: str = "", linger: float | None = None) -> None:
+        """Send CONNECTION_CLOSE. The library then keeps the connection in its closing state
+        (answering late packets with the close again) for 3 PTO (RFC 9000 §10.2) before it
+        reports the end; ``linger`` bounds that (seconds): for connections that are nothing
+        to us yet, whose PTO can be inflated (RTT samples taken while the process is starved
+        of CPU during a flood made it 8-20 s). A peer that writes after it gets a stateless reset."""
         if not self.closed.is_set():
-            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self._begin_close(error_code, reason, linger)
             self.transmit()
+
+    def _begin_close(self, error_code: int, reason: str, linger: float | None) -> None:
+        if linger is not None:
+            self._close_by = now() + linger
+        self.quic.close(error_code=error_code, reason_phrase=reason)
 
     def _raise_if_closed(self) -> None:
         if self.close_reason is not None:
@@ -729,6 +825,9 @@ class Connection:
                 logger.exception("close callback failed")
 
     def _terminated(self, event=None) -> None:
+        if self._ended:
+            return
+        self._ended = True
         self._mark_closed(event or self._ev.ConnectionTerminated(
             error_code=AppErrorCode.OK, frame_type=None, reason_phrase="endpoint closed"))
         self._stop_timer()

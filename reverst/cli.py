@@ -65,6 +65,7 @@ BACKEND_HELP = ("QUIC implementation: qh3 (native core, much faster; pip install
 _backend_choice = click.Choice(["auto", "aioquic", "qh3"], case_sensitive=False)
 _log_choice = click.Choice(sorted(LOG_LEVELS), case_sensitive=False)
 _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
+_retry_choice = click.Choice(["auto", "always", "never"], case_sensitive=False)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,10 +118,19 @@ _log_format_choice = click.Choice(["text", "json"], case_sensitive=False)
 @_opt("--trusted-proxies", env="TRUSTED_PROXIES", default=None, callback=_trusted_proxies,
       help="Comma-separated addresses/CIDRs of the proxies in front that may set X-Forwarded-For/-Host/-Proto "
            "(or 'none'); from any other peer they are dropped and rebuilt. Default: trusted from anyone, as Go.")
+@_opt("--quic-retry", env="QUIC_RETRY", default="auto", show_default=True, type=_retry_choice,
+      help="QUIC address validation with Retry packets (RFC 9000 8.1): auto (while many handshakes are in "
+           "progress: under a flood), always (every new connection, one round trip more), or never.")
+@_opt("--handshake-timeout", env="HANDSHAKE_TIMEOUT", default="5s", show_default=True, callback=_duration,
+      help="A QUIC handshake not finished this long after its first packet is dropped (Go duration; "
+           "at most the registration timeout).")
+@_opt("--registration-timeout", env="REGISTRATION_TIMEOUT", default="10s", show_default=True, callback=_duration,
+      help="How long a tunnel connection has from its first packet to a registration (Go duration).")
 def reverstd(log, log_format, access_log, tunnel_address, http_address, server_name, private_key_path,
              certificate_path, tunnel_groups, watch_groups, management_address, max_idle_timeout,
              keep_alive_period, max_datagram_size, quic_backend, drain_timeout, drain_delay, reuse_port,
-             wait_for_tunnels, https_address, https_certificate_path, https_private_key_path, trusted_proxies):
+             wait_for_tunnels, https_address, https_certificate_path, https_private_key_path, trusted_proxies,
+             quic_retry, handshake_timeout, registration_timeout):
     """Run the reverst tunnel server."""
     _setup_logging(log, log_format)
     https_certificate = _https_certificate(https_address, https_certificate_path, https_private_key_path)
@@ -146,7 +156,9 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
             management_address=management_address, max_idle_timeout=max_idle_timeout,
             keep_alive_period=keep_alive_period, access_log=access_log, max_datagram_size=max_datagram_size,
             quic_backend=quic_backend, reuse_port=reuse_port, wait_for_tunnels=wait_for_tunnels,
-            trusted_proxies=trusted_proxies, https_address=https_address, https_certificate=https_certificate)
+            trusted_proxies=trusted_proxies, https_address=https_address, https_certificate=https_certificate,
+            quic_retry=quic_retry.lower(), handshake_timeout=min(handshake_timeout, registration_timeout),
+            registration_timeout=registration_timeout)
     except ImportError as exc:  # --quic-backend qh3 without qh3 installed
         watcher.stop()
         raise click.ClickException(str(exc)) from None

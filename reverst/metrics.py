@@ -447,6 +447,23 @@ class _StateCollector:
         for name in sorted(set(lost) | set(server.groups.groups)):
             lost_family.add_metric([name], lost.get(name, 0))
         yield lost_family
+        admission = getattr(server, "admission", None)
+        if admission is not None:
+            yield GaugeMetricFamily("reverst_quic_handshakes_in_progress",
+                                    "QUIC connections whose handshake is in progress", value=admission.handshaking)
+            yield GaugeMetricFamily("reverst_quic_unregistered_connections",
+                                    "QUIC connections past the handshake that have not registered (yet)",
+                                    value=admission.unregistered)
+            yield CounterMetricFamily("reverst_quic_retry_packets_total",
+                                      "Retry packets sent to validate a client's address (--quic-retry)",
+                                      value=admission.retries)
+            refused = CounterMetricFamily(
+                "reverst_quic_handshakes_refused_total",
+                "New QUIC connections refused (their Initial dropped) or dropped before the end of their "
+                "handshake, by reason", labels=["reason"])
+            for reason, count in admission.refused.items():
+                refused.add_metric([reason], count)
+            yield refused
         yield CounterMetricFamily("reverst_quic_dropped_datagrams_total",
                                   "UDP datagrams dropped by the tunnel endpoint (unparseable, unknown "
                                   "connection, or no room to send)", value=server.dropped_datagrams)

@@ -23,7 +23,7 @@ import gevent.server
 import gevent.socket
 import gevent.ssl as gevent_ssl
 from . import auth, http1, protocol, websocket
-from ._transport import Connection, Endpoint, H3Stream
+from ._transport import CLOSE_LINGER_UNREGISTERED, Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .forwarding import TrustedProxies, visitor_address
 from .forwarding import rebuild as rebuild_forwarding
@@ -32,7 +32,7 @@ from .errors import ConnectionClosed, NotFound, ProtocolViolation, ReverstError,
 from .http3 import H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED, strip_hop_by_hop
 from .logs import format_address
 from .metrics import ServerMetrics
-from .quic import load_backend
+from .quic import Admission, RetryMode, load_backend
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,9 @@ class TunnelServer:
                  reuse_port: bool = False, wait_for_tunnels: float = 0.0,
                  trusted_proxies: TrustedProxies | None = None,
                  https_address: tuple[str, int] | None = None,
-                 https_certificate: tuple[str, str] | None = None) -> None:
+                 https_certificate: tuple[str, str] | None = None,
+                 quic_retry: str = "auto", handshake_timeout: float | None = None,
+                 admission_limits: dict | None = None) -> None:
         #: set once tunnel groups are loaded; ``groups=None`` starts without any (``/readyz``
         #: answers 503 until :meth:`update_groups` is called)
         self.groups_loaded = gevent.event.Event()
@@ -173,6 +175,15 @@ class TunnelServer:
             reset_key = hashlib.sha256(b"reverst stateless reset\0" + fh.read()).digest()
         self._conn_options = {"keep_alive": keep_alive_period, "dead_peer_timeout": dead_peer_timeout,
                               "reset_key": reset_key}
+        #: who gets a QUIC connection (reverst.quic._admission): Retry under load (``quic_retry``:
+        #: auto, always, never), caps on handshakes and unregistered connections, and the
+        #: handshake timeout (well under the registration timeout); ``admission_limits``
+        #: overrides its other arguments (max_handshakes, retry_threshold...)
+        limits = dict(admission_limits or {})
+        if handshake_timeout is not None:
+            limits["handshake_timeout"] = handshake_timeout
+        limits.setdefault("handshake_timeout", min(5.0, registration_timeout))
+        self.admission = Admission(RetryMode(quic_retry), **limits)
         self._tunnel_bind = tunnel_address
         self._http_bind = http_address
         #: the HTTPS listener (off unless given) and its default (certificate, key) files
@@ -219,7 +230,7 @@ class TunnelServer:
         self._endpoint = Endpoint.bind(*self._tunnel_bind, backend=self.backend, server_config=self._quic_config,
                                        empty_cid_fallback=self._empty_cid_fallback,
                                        on_connection=self._on_connection,
-                                       connection_options=self._conn_options)
+                                       connection_options=self._conn_options, admission=self.admission)
         self._endpoint.start()
         app = self.metrics.observe(self._proxy, access_log=self.access_log)
         front = http1.Front(app)
@@ -411,7 +422,7 @@ class TunnelServer:
         timed_out = ServerError("registration timed out")  # 0x1: the client may retry
         try:
             with gevent.Timeout(self.registration_timeout, timed_out):
-                conn.handshake_done.wait()
+                gevent.wait([conn.handshake_done, conn.closed], count=1)  # (or dropped by the handshake timeout)
                 conn._raise_if_closed()
                 stream = conn.accept_stream()
                 decoder = protocol.MessageDecoder()
@@ -443,16 +454,16 @@ class TunnelServer:
                                       known_group=group_name in self.groups.groups)
             log = logger.debug if isinstance(exc, NotFound) else logger.info
             log("registration from %s rejected (group %r): %s", peer, group_name, exc)
-            conn.close(code, reason)
+            conn.close(code, reason, linger=CLOSE_LINGER_UNREGISTERED)
             return
         except Exception:
             logger.exception("registration from %s failed", peer)
             self.metrics.registration(group_name, "internal error", known_group=False)
-            conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error")
+            conn.close(protocol.AppErrorCode.SERVER_ERROR, "internal error", linger=CLOSE_LINGER_UNREGISTERED)
             return
         if self.groups.group(group_name) is None:  # removed by a reload meanwhile
             self.metrics.registration(group_name, protocol.REASON_NOT_FOUND, known_group=False)
-            conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND)
+            conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND, linger=CLOSE_LINGER_UNREGISTERED)
             return
         conn._check_closed()
         if not conn.is_open:  # the client left right after its answer (before HTTP/3 started on it)
@@ -468,6 +479,7 @@ class TunnelServer:
         self.metrics.registration(group_name, None, known_group=True)
         self.metrics.tunnel_registered(conn, group_name, peer)
         self._registered_total += 1
+        self._endpoint.registered(conn)
         self._slots[conn] = gevent.lock.BoundedSemaphore(MAX_REQUESTS_PER_CONNECTION)
         tunnels = self._tunnels.setdefault(group_name, _Tunnels())
         tunnels.connections.append(conn)

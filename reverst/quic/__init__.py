@@ -17,7 +17,8 @@ StreamReset, StopSendingReceived, HandshakeCompleted, ConnectionIdIssued,
 ConnectionIdRetired, ConnectionTerminated, HeadersReceived, DataReceived);
 ``STREAM_ERRORS`` (what a send on a reset stream raises); ``client_configuration()``,
 ``server_configuration()``; ``client_connection(cfg, **options)``,
-``server_connection(cfg, original_destination_connection_id, **options)`` (options:
+``server_connection(cfg, original_destination_connection_id, retry_source_connection_id=None,
+**options)`` (the second id: the source id of the Retry the client answered; options:
 ``keep_alive``, ``dead_peer_timeout``, ``reset_key``, ``request_streams``) returning a connection with
 aioquic's methods (``connect``, ``receive_datagram``, ``datagrams_to_send``,
 ``get_timer``, ``handle_timer``, ``next_event``, ``send_stream_data``, ``reset_stream``,
@@ -33,10 +34,12 @@ import importlib
 import os
 from types import ModuleType
 
+from ._admission import Admission, InvalidToken, Mode as RetryMode, RetryTokens, Verdict, initial_token_untrusted
 from ._common import (BUSY_DEAD_PEER_TIMEOUT, BUSY_PROBE_INTERVAL, CID_LENGTH, REQUEST_STREAMS, SUSPECT_GRACE, Header,
                       encode_stateless_reset, encode_version_negotiation, parse_header_untrusted, stateless_reset_token)
 
-__all__ = ["BACKENDS", "load_backend", "available_backends", "BUSY_DEAD_PEER_TIMEOUT", "BUSY_PROBE_INTERVAL",
+__all__ = ["Admission", "InvalidToken", "RetryMode", "RetryTokens", "Verdict", "initial_token_untrusted",
+           "BACKENDS", "load_backend", "available_backends", "BUSY_DEAD_PEER_TIMEOUT", "BUSY_PROBE_INTERVAL",
            "SUSPECT_GRACE", "REQUEST_STREAMS",
            "CID_LENGTH", "Header", "encode_stateless_reset", "encode_version_negotiation",
            "parse_header_untrusted", "stateless_reset_token"]

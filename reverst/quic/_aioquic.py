@@ -492,10 +492,12 @@ def client_connection(configuration: QuicConfiguration, **options) -> TunnelQuic
 
 
 def server_connection(configuration: QuicConfiguration, original_destination_connection_id: bytes,
-                      **options) -> TunnelQuicConnection:
+                      retry_source_connection_id: bytes | None = None, **options) -> TunnelQuicConnection:
+    """A server connection; after a Retry, ``retry_source_connection_id`` is its source id
+    (both ids go into our transport parameters, which the client checks)."""
     return TunnelQuicConnection(configuration=configuration,
                                 original_destination_connection_id=original_destination_connection_id,
-                                **options)
+                                retry_source_connection_id=retry_source_connection_id, **options)
 
 
 def h3_connection(quic: TunnelQuicConnection, *, http_client: bool) -> ReversedH3Connection:

@@ -168,17 +168,36 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         hold = self._held_ack_until()
         if hold is not None and now < hold:
             return []  # nothing but an ACK (and control frames) would leave: wait for an answer
-        try:
-            datagrams = super().datagrams_to_send(now)
-        except QuicConnectionError as exc:
-            # qh3 2.1 raises "packet builder capacity exhausted" while a handshake peer
-            # stays silent (anti-amplification); later calls work again.
-            logger.debug("datagrams_to_send: %s", exc)
-            return []
+        datagrams = self._poll_datagrams(now)
         if datagrams:
             self._received_since_sent = 0
             self._credit_granted = False
             self._ack_hold_until = None
+        return datagrams
+
+    def _poll_datagrams(self, now: float) -> list:
+        """qh3's datagrams_to_send, keeping what was built before an error. qh3 2.1 raises
+        "packet builder capacity exhausted" when the anti-amplification limit cuts the
+        server's first flight short, and its own loop then loses the datagrams polled
+        before (already counted in flight): with an aioquic client, whose Initial packet is
+        ~530 bytes padded *after* the packet to 1,452 (qh3's budget counts the packet),
+        nothing left until the client's retransmission, a stall of ~1.2 s per handshake."""
+        core = self._core
+        if core is None:
+            return []
+        datagrams = []
+        while True:
+            try:
+                transmit = core.poll_transmit(now)
+            except RuntimeError as exc:  # (later calls work again)
+                logger.debug("poll_transmit: %s", exc)
+                break
+            if transmit is None:
+                break
+            if self._quic_logger is not None:
+                self._log_datagram("datagrams_sent", transmit[0])
+                self._log_packets("packet_sent", transmit[0])
+            datagrams.append((transmit[0], transmit[1]))
         return datagrams
 
     def _may_hold_ack(self) -> bool:
@@ -524,10 +543,12 @@ def client_connection(configuration: QuicConfiguration, **options) -> TunnelQuic
 
 
 def server_connection(configuration: QuicConfiguration, original_destination_connection_id: bytes,
-                      **options) -> TunnelQuicConnection:
+                      retry_source_connection_id: bytes | None = None, **options) -> TunnelQuicConnection:
+    """A server connection; after a Retry, ``retry_source_connection_id`` is its source id
+    (both ids go into our transport parameters, which the client checks)."""
     return TunnelQuicConnection(configuration=configuration,
-                               original_destination_connection_id=original_destination_connection_id,
-                               **options)
+                                original_destination_connection_id=original_destination_connection_id,
+                                retry_source_connection_id=retry_source_connection_id, **options)
 
 
 def h3_connection(quic: TunnelQuicConnection, *, http_client: bool) -> ReversedH3Connection:
