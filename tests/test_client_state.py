@@ -117,3 +117,38 @@ def test_stop_while_dialling_a_server_that_is_down_returns_at_once(certs):
         assert runner.dead and runner.exception is None
         assert time.monotonic() - start < 1.0
         assert client.state == "stopped"
+
+
+SERVE_SCRIPT = """
+import signal, sys
+from tests.apps import app
+from reverst.client import BasicAuth, serve
+serve(app, sys.argv[1], tunnel_group="app.test", server_name="localhost", ca_file=sys.argv[2],
+      auth=BasicAuth("user", "pass"), on_ready=lambda c: print("READY", flush=True), grace_period=5)
+print("RETURNED", flush=True)
+try:
+    signal.raise_signal(signal.SIGINT)  # Python's own handling is back: KeyboardInterrupt
+except KeyboardInterrupt:
+    print("KEYBOARDINTERRUPT", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_gracefully_on_a_signal_and_gives_the_signal_back(server, certs, sig):
+    """``reverst.client.serve()`` in a script: Ctrl-C or SIGTERM stops it as the CLI's stop
+    does (the tunnel leaves with 0x0, serve() returns), not with a KeyboardInterrupt that
+    leaves reverstd to find the tunnel dead."""
+    import subprocess
+    import sys
+    from .conftest import ROOT
+    p = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, server.tunnel_address, certs["ca"]], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "READY"
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=15)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err[-2000:]
+    assert out.split() == ["RETURNED", "KEYBOARDINTERRUPT"], (out, err[-2000:])
+    server.wait_for(r"left group 'app.test': client closing \(application error 0x0\)", timeout=5)

@@ -97,7 +97,7 @@ def main() -> None:
               f"  echo hello | python {pathlib.Path(__file__).with_name('ws_client.py')} {port}   # a WebSocket\n"
               f"Ctrl-C stops it.\n", flush=True)
 
-    try:
+    try:  # (Ctrl-C stops serve() gracefully: the tunnel leaves with 0x0)
         serve(app, args.tunnel_address, tunnel_group="flask.localhost", server_name="localhost",
               ca_file=str(cert), auth=BasicAuth("example", "example-password"), on_ready=ready)
     except KeyboardInterrupt:

@@ -10,7 +10,9 @@ import functools
 import logging
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -526,9 +528,23 @@ class Client:
         return ServerError(f"unexpected error: {closed}")
 
 
-def serve(app, tunnel_address, *, tunnel_group: str, **options) -> None:
+def serve(app, tunnel_address, *, tunnel_group: str, grace_period: float = 30.0, **options) -> None:
     """Expose the WSGI ``app`` through ``reverstd`` at ``tunnel_address``; blocks.
 
-    Options are those of :class:`Client`.
+    Options are those of :class:`Client`. Called in the main thread, SIGINT (Ctrl-C) and
+    SIGTERM stop it gracefully, as ``reverst wsgi`` does (:meth:`Client.stop`: GOAWAY, the
+    requests in flight get up to ``grace_period`` seconds, the tunnels close with 0x0), and
+    then it returns; the signals' previous handling comes back.
     """
-    Client(app, tunnel_address, tunnel_group=tunnel_group, **options).dial_and_serve()
+    client = Client(app, tunnel_address, tunnel_group=tunnel_group, **options)
+    watchers = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            watchers.append((sig, previous, gevent.signal_handler(sig, lambda: gevent.spawn(client.stop, grace_period))))
+    try:
+        client.dial_and_serve()
+    finally:
+        for sig, previous, watcher in watchers:
+            watcher.cancel()  # (libev leaves the signal at SIG_DFL: Python's handler goes back)
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
