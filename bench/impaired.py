@@ -130,23 +130,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 Server(("127.0.0.1", port), Handler).serve_forever()
 """
 
-NGINX_CONF = """
-daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off; sendfile on; tcp_nodelay on; keepalive_requests 1000000;
-  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
-  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    root {tmp}/www;
-    location = /upload {{
-      client_max_body_size 1g; proxy_request_buffering off; proxy_buffering off;
-      proxy_http_version 1.1; proxy_set_header Connection ""; proxy_pass http://127.0.0.1:{hasher};
-    }}
-  }}
-}}
-"""
+#: the /upload location: proxied, unbuffered, to the Python server that hashes the body
+NGINX_UPLOAD = ("location = /upload {{ client_max_body_size 1g; proxy_request_buffering off; proxy_buffering off; "
+                'proxy_http_version 1.1; proxy_set_header Connection ""; proxy_pass http://127.0.0.1:{hasher}; }}')
 
 
 def data_of(size: int, seed: int) -> bytes:
@@ -250,7 +236,7 @@ def start_backend(tmp: pathlib.Path, procs: Procs, down: bytes) -> tuple[str, in
     if not nginx:
         return "python", hasher
     port = bench.free_port()
-    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port, hasher=hasher))
+    (tmp / "nginx.conf").write_text(bench.NGINX_CONF.format(tmp=tmp, port=port, upload=NGINX_UPLOAD.format(hasher=hasher)))
     procs.start("nginx", [nginx, "-c", str(tmp / "nginx.conf")]).wait_listening(port)
     return "nginx", port
 

@@ -332,6 +332,9 @@ class Handler(pywsgi.WSGIHandler):
 pywsgi.WSGIServer(("127.0.0.1", int(sys.argv[1])), app, handler_class=Handler, log=None).serve_forever()
 '''
 
+#: nginx serving {tmp}/www on {port}; ``upload``: its /upload location (other benches
+#: proxy it elsewhere)
+NGINX_UPLOAD = 'location = /upload {{ client_max_body_size 100m; client_body_buffer_size 1m; return 200 "ok"; }}'
 NGINX_CONF = '''
 daemon off; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -342,7 +345,7 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     root {tmp}/www;
-    location = /upload {{ client_max_body_size 100m; client_body_buffer_size 1m; return 200 "ok"; }}
+    {upload}
   }}
 }}
 '''
@@ -391,7 +394,7 @@ def start_backend(tmp, procs) -> Backend:
         www.mkdir()
         (www / "small").write_bytes(SMALL)
         (www / "10mb").write_bytes(b"x" * TEN_MB)
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port, upload=NGINX_UPLOAD.format()))
         procs.start("nginx", [nginx, "-c", str(tmp / "nginx.conf")], python=False).wait_listening(port)
     else:
         procs.start("backend", [sys.executable, "-c", BACKEND_APP, str(port)]).wait_listening(port)

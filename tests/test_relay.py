@@ -485,6 +485,21 @@ def test_cli_relays_prints_its_address_and_stats_and_exits_on_sigterm(peers):
     assert final["up"]["forwarded"] == 5 and final["down"]["duplicated"] == 5
 
 
+def download_checked(server, size: int, *, within: float, timeout) -> None:
+    """GET /download/<size> through ``server``: every byte the app's pattern, in ``within`` s."""
+    expected = hashlib.sha256(b"".join(pattern(size))).hexdigest()
+    digest, got = hashlib.sha256(), 0
+    start = time.monotonic()
+    with requests.get(server.url(f"/download/{size}"), headers={"Host": "app.test"}, stream=True,
+                      timeout=timeout) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_content(65536):
+            digest.update(chunk)
+            got += len(chunk)
+            assert time.monotonic() - start < within, f"only {got} bytes in {within} s"
+    assert got == size and digest.hexdigest() == expected
+
+
 # -- a tunnel through the relay ------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_a_2mb_download_through_a_tunnel_with_1pct_loss_and_10ms_each_way(certs, groups_file, procs,
@@ -495,17 +510,7 @@ def test_a_2mb_download_through_a_tunnel_with_1pct_loss_and_10ms_each_way(certs,
     relay = relay_factory(server, up=imp, down=imp, seed=1)
     procs.append(TunnelClient(through(relay), certs))
     size = 2 * 1024 * 1024
-    expected = hashlib.sha256(b"".join(pattern(size))).hexdigest()
-    digest, got = hashlib.sha256(), 0
-    start = time.monotonic()
-    with requests.get(server.url(f"/download/{size}"), headers={"Host": "app.test"}, stream=True,
-                      timeout=(5, 15)) as r:
-        assert r.status_code == 200
-        for chunk in r.iter_content(65536):
-            digest.update(chunk)
-            got += len(chunk)
-            assert time.monotonic() - start < 30, f"only {got} bytes in 30 s"
-    assert got == size and digest.hexdigest() == expected
+    download_checked(server, size, within=30, timeout=(5, 15))
     s = relay.stats()
     assert s["flows"] == 1
     assert s["up"]["dropped"]["loss"] + s["down"]["dropped"]["loss"] > 0  # it did go through the relay
@@ -522,17 +527,7 @@ def test_bodies_intact_both_ways_at_5pct_loss_with_reordering(certs, groups_file
     relay = relay_factory(server, up=imp, down=imp, seed=7)
     procs.append(TunnelClient(through(relay), certs))
     size = 256 * 1024
-    expected = hashlib.sha256(b"".join(pattern(size))).hexdigest()
-    digest, got = hashlib.sha256(), 0
-    start = time.monotonic()
-    with requests.get(server.url(f"/download/{size}"), headers={"Host": "app.test"}, stream=True,
-                      timeout=(10, 15)) as r:
-        assert r.status_code == 200
-        for chunk in r.iter_content(65536):
-            digest.update(chunk)
-            got += len(chunk)
-            assert time.monotonic() - start < 25, f"only {got} bytes down in 25 s"
-    assert got == size and digest.hexdigest() == expected
+    download_checked(server, size, within=25, timeout=(10, 15))
     body = hashlib.sha256(b"up").digest() * (size // 32)
     r = requests.post(server.url("/upload"), data=body, headers={"Host": "app.test"}, timeout=(10, 25))
     assert r.status_code == 200
