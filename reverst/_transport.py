@@ -769,12 +769,19 @@ class Connection:
         """The peer sent an HTTP/3 GOAWAY: it is stopping and takes no new request."""
         return self.h3 is not None and self.h3.goaway_received
 
-    def send_goaway(self, stream_id: int | None = None) -> None:
-        """HTTP/3 GOAWAY (HTTP server role): requests from ``stream_id`` on will not be
-        processed; None: the largest id there is, i.e. "send no more", the first of the two
-        steps of a graceful stop (RFC 9114 §5.2)."""
+    def send_goaway(self, final: bool = False) -> None:
+        """HTTP/3 GOAWAY (HTTP server role), one of the two steps of a graceful stop (RFC 9114
+        §5.2): first the largest id there is, "send no more"; ``final``: the id after the
+        latest request the peer opened, from which nothing will be processed."""
         if self.is_open and self.h3 is not None:
-            self.h3.send_goaway((1 << 62) - 3 if stream_id is None else stream_id)
+            first = 0 if self._is_server else 1  # the peer's first bidirectional stream
+            if not final:
+                stream_id = (1 << 62) - 4 + first  # (the largest stream id of the peer's)
+            elif self.last_request_id >= 0:
+                stream_id = self.last_request_id + 4
+            else:
+                stream_id = first
+            self.h3.send_goaway(stream_id)
             self.schedule_transmit()
 
     def close(self, error_code: int = AppErrorCode.OK, reason: str = "", linger: float | None = None) -> None:

@@ -80,9 +80,12 @@ class _Tunnels:
         self._next = 0
 
     def pick(self, accept=None) -> Connection | None:
-        """The next open connection (for which ``accept(conn)`` is true, if given)."""
+        """The next open connection (for which ``accept(conn)`` is true, if given); one
+        whose client said GOAWAY only if no other is left (it still answers until its grace
+        ends, and then refuses, which the callers handle)."""
         conns = self.connections
         skipped = 0
+        going_away = None
         while conns and skipped < len(conns):
             index = self._next if self._next < len(conns) else 0
             conn = conns[index]
@@ -92,9 +95,12 @@ class _Tunnels:
                 continue
             self._next = (index + 1) % len(conns)
             if accept is None or accept(conn):
-                return conn
+                if not conn.going_away:
+                    return conn
+                if going_away is None:
+                    going_away = conn
             skipped += 1
-        return None
+        return going_away
 
 
 class _NoSlot:
@@ -465,14 +471,11 @@ class TunnelServer:
             self.metrics.registration(group_name, protocol.REASON_NOT_FOUND, known_group=False)
             conn.close(protocol.AppErrorCode.SERVER_ERROR, protocol.REASON_NOT_FOUND, linger=CLOSE_LINGER_UNREGISTERED)
             return
-        conn._check_closed()
-        if not conn.is_open:  # the client left right after its answer (before HTTP/3 started on it)
-            logger.debug("%s: closed right after registering: %s", peer, conn.close_reason)
-            self.metrics.registration(group_name, "closed", known_group=True)
-            return
-        try:
+        try:  # HTTP/3 on an open connection only (qh3 raises on a closed one)
+            conn._check_closed()
+            conn._raise_if_closed()
             conn.attach_h3(http_client=True)
-        except conn._stream_errors as exc:  # (qh3: the connection closed this very moment)
+        except (ConnectionClosed, *conn._stream_errors) as exc:  # the client left right after its answer
             logger.debug("%s: closed right after registering: %s", peer, exc)
             self.metrics.registration(group_name, "closed", known_group=True)
             return
@@ -551,10 +554,7 @@ class TunnelServer:
         while True:
             # (not one tried already: other requests move the round-robin cursor meanwhile,
             # so the next pick may well be the tunnel that just refused this one)
-            # (a tunnel whose client said GOAWAY only if no other is left: it still answers
-            # until its grace ends, and then refuses, which the loop handles)
-            conn = (tunnels.pick(lambda c: c not in tried and not c.going_away)
-                    or tunnels.pick(lambda c: c not in tried)) if tunnels else None
+            conn = tunnels.pick(lambda c: c not in tried) if tunnels else None
             if conn is None:
                 logger.info("no tunnel connection for group %r (host %r)", group.name, route)
                 return self._empty_502(start_response)
@@ -700,10 +700,8 @@ class TunnelServer:
         for c in list(tunnels.connections):  # a tunnel just registered: its SETTINGS say if it can
             if c.is_open and c.h3 is not None and c.h3.received_settings is None:
                 c.wait_settings(SETTINGS_WAIT)
-        def can_take(c: Connection) -> bool:
-            return (c.h3 is not None and c.h3.peer_serves_websockets
-                    and self.websockets.get(c, 0) < self.max_websockets_per_tunnel)
-        conn = tunnels.pick(lambda c: can_take(c) and not c.going_away) or tunnels.pick(can_take)
+        conn = tunnels.pick(lambda c: c.h3 is not None and c.h3.peer_serves_websockets
+                            and self.websockets.get(c, 0) < self.max_websockets_per_tunnel)
         if conn is None:
             if any(c.h3 is not None and c.h3.peer_serves_websockets for c in tunnels.connections if c.is_open):
                 return self._refuse(start_response, 503, "every tunnel of this group has as many WebSockets "

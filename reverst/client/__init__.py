@@ -302,7 +302,7 @@ class Client:
         gevent.sleep(min(GOAWAY_GRACE_MAX, max([GOAWAY_GRACE] + [GOAWAY_GRACE_RTTS * r for r in rtts])) if conns else 0)
         self._handler.accepting = False
         for conn in conns:
-            conn.send_goaway(conn.last_request_id + 4 if conn.last_request_id >= 0 else 1)
+            conn.send_goaway(final=True)
 
     def __enter__(self):
         return self
