@@ -21,7 +21,8 @@ reverstd's public port (half of them to each group), a mix of: small GETs (/hell
 downloads (/download/N, 5-20 MiB, every byte checked against the app's pattern),
 streamed responses of unknown length (/stream/N, 256 KiB-4 MiB, chunked), server-sent
 events (/sse), and uploads (POST /upload of 1-10 MiB random bytes, half of them chunked,
-the SHA-256 the app computed checked against ours).
+the SHA-256 the app computed checked against ours). Each starts with the largest download and upload of the mix
+(FIRST_KINDS), so that the processes reach their high-water mark within the warm-up.
 
 Every ``--sample-seconds`` it prints a row: RSS and open fds (/proc/PID) of each process,
 what reverstd's /status says of its tunnels (open streams, requests in flight), its
@@ -251,6 +252,19 @@ KINDS = [("small", small, 40), ("download", patterned("/download", 5 * MiB, 20 *
          ("upload", upload, 8)]
 
 
+#: What each worker sends first: the largest download and the largest upload of the mix, so
+#: that the processes reach their high-water mark of buffered bytes (all workers on large
+#: transfers at once) within the warm-up; RSS growth is judged from its end.
+FIRST_KINDS = ("download", "upload")
+
+
+class _Largest(random.Random):
+    """The randomness of a first request: every size the largest of its range."""
+
+    def randint(self, a: int, b: int) -> int:
+        return b
+
+
 def wall_clock() -> str:
     """Now as the processes' logs write it (local time, milliseconds)."""
     now = time.time()
@@ -306,9 +320,14 @@ class Load:
 
     def _work(self, host: str, rng: random.Random) -> None:
         names, requests, weights = zip(*KINDS)
+        first = [names.index(name) for name in FIRST_KINDS]
+        largest = _Largest(rng.random())
         conn = None
         while not self.stopping.is_set():
-            i = rng.choices(range(len(KINDS)), weights)[0]
+            if first:
+                i, request_rng = first.pop(0), largest
+            else:
+                i, request_rng = rng.choices(range(len(KINDS)), weights)[0], rng
             with self.lock:
                 while names[i] == "upload" and host in self.held:
                     i = rng.choices(range(len(KINDS)), weights)[0]
@@ -316,7 +335,7 @@ class Load:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
-                moved = requests[i](conn, host, rng)
+                moved = requests[i](conn, host, request_rng)
             except Exception as exc:  # noqa: BLE001 (every failure is counted and kept)
                 if conn is not None:
                     conn.close()
