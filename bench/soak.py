@@ -21,8 +21,9 @@ reverstd's public port (half of them to each group), a mix of: small GETs (/hell
 downloads (/download/N, 5-20 MiB, every byte checked against the app's pattern),
 streamed responses of unknown length (/stream/N, 256 KiB-4 MiB, chunked), server-sent
 events (/sse), and uploads (POST /upload of 1-10 MiB random bytes, half of them chunked,
-the SHA-256 the app computed checked against ours). Each starts with the largest download and upload of the mix
-(FIRST_KINDS), so that the processes reach their high-water mark within the warm-up.
+the SHA-256 the app computed checked against ours). Each starts with the largest download
+and upload of the mix (FIRST_KINDS), so that the processes reach their high-water mark
+within the warm-up.
 
 Every ``--sample-seconds`` it prints a row: RSS and open fds (/proc/PID) of each process,
 what reverstd's /status says of its tunnels (open streams, requests in flight), its
