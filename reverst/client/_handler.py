@@ -192,6 +192,8 @@ class _Done:
         self.handler.finished(self.stream)
 
 
+#: ``WSGIHandler`` forgets finished streams whose bytes all left once it holds this many.
+_PRUNE_MIN = 64
 #: A worker thread waits for the hub after posting this many response bytes.
 POST_LIMIT = 256 * 1024
 #: Most bytes of the HTTP/1.1 response head an application writes on a WebSocket's socket
@@ -318,6 +320,8 @@ class WSGIHandler:
 
     def __init__(self, app, *, threads: int = 100) -> None:
         self.app = app
+        #: in greenlets, an app may serve a request stream itself (LocalProxy.serve_stream)
+        self._serve_stream = getattr(app, "serve_stream", None) if threads <= 0 else None
         self._pool = _Workers(threads) if threads > 0 else None
         self._bridge = _ThreadBridge() if threads > 0 else _DirectBridge()
         self.active = 0
@@ -325,6 +329,7 @@ class WSGIHandler:
         self.accepting = True
         #: finished requests whose response the QUIC layer may still hold (see ``unsent``)
         self._sending: list[H3Stream] = []
+        self._prune_at = _PRUNE_MIN  # prune _sending when it grows to this length
 
     def __call__(self, stream: H3Stream) -> None:
         if not self.accepting:
@@ -343,7 +348,10 @@ class WSGIHandler:
 
     def _serve(self, stream: H3Stream) -> None:
         try:
-            self._run(stream)
+            if self._serve_stream is None or not self._serve_stream(stream):
+                self._run(stream)
+        except (StreamReset, ConnectionClosed) as exc:
+            logger.debug("request on %r aborted: %s", stream, exc)
         except Exception:
             logger.exception("request on %r failed", stream)
         finally:
@@ -353,10 +361,11 @@ class WSGIHandler:
         """A request is over (in the hub): its stream state goes."""
         self.active -= 1
         stream.finish()
-        if self._sending:
-            self._sending = [s for s in self._sending if _unsent(s)]
         if _unsent(stream):
             self._sending.append(stream)
+            if len(self._sending) >= self._prune_at:  # amortized: a scan per request was ~8%
+                self._sending = [s for s in self._sending if _unsent(s)]  # of a busy client's CPU
+                self._prune_at = max(_PRUNE_MIN, 2 * len(self._sending))
 
     @property
     def unsent(self) -> bool:
