@@ -90,7 +90,12 @@ class Pool:
         new connection; otherwise (a body is not replayed) an idle connection is checked
         for EOF before use instead, as urllib3 does for every request.
         """
-        head = _head(method, target, headers, chunked=body is not None and length is None)
+        return self.send_request(_head(method, target, headers, chunked=body is not None and length is None),
+                                 method, body, length)
+
+    def send_request(self, head: bytes, method: str, body=None, length: int | None = None) -> Response:
+        """:meth:`request` with its head already encoded (ending in the blank line; with
+        ``Transfer-Encoding: chunked`` when ``body`` is given without ``length``)."""
         retry = body is None and method in IDEMPOTENT
         if body is not None and length is not None and length <= SMALL_BODY:
             head += _read_exactly(body, length)
@@ -203,6 +208,18 @@ def _head(method: str, target: str, headers: list[tuple[str, str]], chunked: boo
     return text.encode("latin-1")
 
 
+def head_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], chunked: bool) -> bytes:
+    """:func:`_head` for fields that are bytes already (an HTTP/3 request's)."""
+    lines = [b"%s %s HTTP/1.1" % (method, target)]
+    lines += [b"%s: %s" % field for field in headers]
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
+        raise ValueError("CR or LF in the request line or a header")
+    return head
+
+
 def _read_exactly(body, length: int) -> bytes:
     data = body.read(length)
     while len(data) < length:
@@ -237,13 +254,14 @@ class Response:
     to close, and nothing followed the response.
     """
 
-    __slots__ = ("status", "reason", "headers", "headers_done", "done", "received", "_chunks", "_pool",
+    __slots__ = ("status", "reason", "raw_headers", "_headers", "headers_done", "done", "received", "_chunks", "_pool",
                  "_sock", "_head_only", "_keep_alive", "_until_eof", "_extra", "_parser", "upgraded")
 
     def __init__(self, pool: Pool, sock, *, head_only: bool) -> None:
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[str, str]] = []
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # as received
+        self._headers: list[tuple[str, str]] | None = None
         self.headers_done = False
         self.done = False
         self.received = False  # a byte came back: a failure now is not a stale connection
@@ -257,6 +275,13 @@ class Response:
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)  # bare LF, as http.client
         self.upgraded: bytes | None = None  # after a 101: the new protocol's first bytes
 
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The head's fields as latin-1 text (``raw_headers`` as bytes)."""
+        if self._headers is None:
+            self._headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
+        return self._headers
+
     # -- httptools callbacks
     def on_message_begin(self) -> None:
         if self.done:
@@ -267,12 +292,12 @@ class Response:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.headers_done:  # trailers are dropped, as http.client did
-            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints)
-            self.reason, self.headers = b"", []
+            self.reason, self.raw_headers = b"", []
             return
         self.status, self.headers_done = status, True
         self._keep_alive = status != 101 and self._parser.should_keep_alive()

@@ -22,6 +22,10 @@ from .wsgi import WSGIInput, status_has_body
 logger = logging.getLogger("reverst.proxy")
 #: Characters never sent raw in a request target (controls, space, non-ASCII): %-encoded.
 _UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")
+_UNSAFE_TARGET_BYTES = re.compile(rb"[^\x21-\x7e]")
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+#: ``Connection`` tokens that name no field
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
 
 
 def parse_target(addr: str) -> str:
@@ -85,6 +89,7 @@ class LocalProxy:
         parts = urlsplit(self.target)
         self._netloc = parts.netloc
         self._prefix = parts.path
+        self._netloc_bytes, self._prefix_bytes = self._netloc.encode("latin-1"), self._prefix.encode("latin-1")
         self.rewrite_host = rewrite_host
         self._pool = http1.Pool(parts.scheme, parts.hostname,
                                 parts.port or (443 if parts.scheme == "https" else 80),
@@ -155,74 +160,81 @@ class LocalProxy:
     def serve_stream(self, stream) -> bool:
         """Serve an HTTP/3 request stream straight, in a greenlet: its fields become the
         HTTP/1.1 request and the local service's response head becomes HTTP/3 fields,
-        with no WSGI environ between (that round trip was ~20% of ``expose``'s CPU on
-        small requests). The same request and response as :meth:`__call__` makes,
-        except that repeated request fields stay separate lines. False, doing nothing,
-        for an extended CONNECT (a WebSocket): the WSGI path serves it.
+        bytes to bytes, with no WSGI environ between (that round trip was ~20% of
+        ``expose``'s CPU on small requests). The same request and response as
+        :meth:`__call__` makes, except that repeated request fields stay separate lines.
+        False, doing nothing, for an extended CONNECT (a WebSocket): the WSGI path
+        serves it.
         """
         method = target = authority = None
-        scheme = "https"
-        headers: list[tuple[str, str]] = []
+        scheme = b"https"
+        headers: list[tuple[bytes, bytes]] = []
         for name, value in stream.headers:
             if name[:1] == b":":
                 if name == b":method":
-                    method = value.decode("latin-1")
+                    method = value
                 elif name == b":path":
-                    target = value.decode("latin-1")
+                    target = value
                 elif name == b":authority":
-                    authority = value.decode("latin-1")
+                    authority = value
                 elif name == b":scheme":
-                    scheme = value.decode("latin-1")
+                    scheme = value
                 elif name == b":protocol":
                     return False
             else:
-                headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        method = method or "GET"
-        target = target or "/"
-        if _UNSAFE_TARGET.search(target):
-            target = _UNSAFE_TARGET.sub(lambda m: f"%{ord(m.group()):02X}", target)
+                headers.append((name, value))
+        method_text = method.decode("latin-1") if method else "GET"
+        target = target or b"/"
+        if _UNSAFE_TARGET_BYTES.search(target):
+            target = _UNSAFE_TARGET_BYTES.sub(lambda m: b"%%%02X" % m.group()[0], target)
         names = {k for k, _ in headers}  # (HTTP/3 names are lower-case)
-        if not names.isdisjoint(HOP_BY_HOP):
-            headers = strip_hop_by_hop(headers)
+        if not names.isdisjoint(_HOP_BY_HOP_BYTES):
+            headers = _strip_hop_by_hop_bytes(headers)
             names = {k for k, _ in headers}
-        if "host" in names:  # (HTTP/3 has :authority; a host field too is the same value)
-            authority = authority or next(v for k, v in headers if k == "host")
-            headers = [(k, v) for k, v in headers if k != "host"]
-        headers.append(("host", self._netloc if self.rewrite_host or not authority else authority))
-        if "accept-encoding" not in names:
-            headers.append(("accept-encoding", "identity"))  # as http.client: no surprise gzip
-        if "x-forwarded-host" not in names and authority:
-            headers.append(("x-forwarded-host", authority))
-        if "x-forwarded-proto" not in names:
-            headers.append(("x-forwarded-proto", scheme))
-        if "x-forwarded-for" not in names and stream.conn.peer:
-            headers.append(("x-forwarded-for", stream.conn.peer[0]))
-        lengths = {v for k, v in headers if k == "content-length"}
+        if b"host" in names:  # (HTTP/3 has :authority; a host field too is the same value)
+            authority = authority or next(v for k, v in headers if k == b"host")
+            headers = [(k, v) for k, v in headers if k != b"host"]
+        headers.append((b"host", self._netloc_bytes if self.rewrite_host or not authority else authority))
+        if b"accept-encoding" not in names:
+            headers.append((b"accept-encoding", b"identity"))  # as http.client: no surprise gzip
+        if b"x-forwarded-host" not in names and authority:
+            headers.append((b"x-forwarded-host", authority))
+        if b"x-forwarded-proto" not in names:
+            headers.append((b"x-forwarded-proto", scheme))
+        if b"x-forwarded-for" not in names and stream.conn.peer:
+            headers.append((b"x-forwarded-for", str(stream.conn.peer[0]).encode()))
+        lengths = {v for k, v in headers if k == b"content-length"} if b"content-length" in names else ()
         length = lengths.pop() if len(lengths) == 1 else None
         if lengths or (length is not None and not length.isdigit()):
             _answer(stream, 400, "reverst: invalid Content-Length\n")
             return True
-        has_body = (length is not None and length != "0") or (
-            length is None and not stream.at_eof and method not in ("GET", "HEAD", "OPTIONS", "DELETE"))
-        path = target.split("?", 1)[0]  # for logs: a query may carry tokens
+        has_body = (length is not None and length != b"0") or (
+            length is None and not stream.at_eof and method_text not in ("GET", "HEAD", "OPTIONS", "DELETE"))
+        path = target.split(b"?", 1)[0].decode("latin-1")  # for logs: a query may carry tokens
         try:
-            response = self._pool.request(method, self._prefix + target, headers,
-                                          WSGIInput(stream.read) if has_body else None,
-                                          int(length) if length else None)
+            head = http1.head_bytes(method or b"GET", self._prefix_bytes + target, headers,
+                                    chunked=has_body and length is None)
+        except ValueError as exc:  # a line break in a field: a library let it through
+            logger.warning("%s %s: invalid request: %s", method_text, path, exc)
+            _answer(stream, 400, "reverst: invalid request\n")
+            return True
+        try:
+            response = self._pool.send_request(head, method_text, WSGIInput(stream.read) if has_body else None,
+                                               int(length) if has_body and length is not None else None)
         except http1.ConnectError as exc:
-            logger.warning("%s %s: local service %s unreachable: %s", method, path, self.target, exc)
+            logger.warning("%s %s: local service %s unreachable: %s", method_text, path, self.target, exc)
             _answer(stream, 502, f"reverst: local service {self.target} refused the connection\n")
             return True
         except http1.ReadTimeout:
-            logger.warning("%s %s: local service %s timed out", method, path, self.target)
+            logger.warning("%s %s: local service %s timed out", method_text, path, self.target)
             _answer(stream, 504, f"reverst: local service {self.target} timed out\n")
             return True
         except http1.HTTPError as exc:
-            logger.warning("%s %s: local service %s failed: %s", method, path, self.target, exc)
+            logger.warning("%s %s: local service %s failed: %s", method_text, path, self.target, exc)
             _answer(stream, 502, f"reverst: local service {self.target} failed: {type(exc).__name__}\n")
             return True
-        fields = _response_fields(response.status, response.headers)
-        if not status_has_body(response.status, method):
+        fields = _response_fields(response.status, response.raw_headers)
+        if not status_has_body(response.status, method_text):
             if response.done:  # (a HEAD response's head is all of it; 204 and 304 have none)
                 response.stream()  # the connection goes back to the pool
             else:
@@ -340,15 +352,24 @@ def _relay(body):
         raise
 
 
-def _response_fields(status: int, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def _response_fields(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """HTTP/3 response fields of an HTTP/1.1 response head: names lower-cased, hop-by-hop
     fields (and those ``Connection`` names) dropped."""
     fields = [(b":status", b"%d" % status)]
     lows = [(k.lower(), v) for k, v in headers]
-    if not HOP_BY_HOP.isdisjoint([k for k, _ in lows]):
-        lows = strip_hop_by_hop(lows)
-    fields += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in lows]
+    drop = _HOP_BY_HOP_BYTES
+    for name, value in lows:
+        if name == b"connection":  # (nginx: "keep-alive", which names nothing more)
+            named = {t.strip().lower() for t in value.split(b",")} - _CONNECTION_OPTIONS
+            if named:
+                drop = drop | named
+    fields += [field for field in lows if field[0] not in drop]
     return fields
+
+
+def _strip_hop_by_hop_bytes(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in
+            strip_hop_by_hop([(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers])]
 
 
 def _answer(stream, status: int, text: str) -> None:

@@ -365,6 +365,20 @@ def test_host_passed_as_received_and_forwarded_headers_set(exposed):
     assert "x-hop" not in headers
 
 
+def test_repeated_request_fields_reach_the_local_service_as_sent(exposed):
+    # expose serves HTTP/3 fields straight as HTTP/1.1 (no WSGI environ, which joins them)
+    with socket.create_connection(("127.0.0.1", exposed.http_port), timeout=10) as s:
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: app.test\r\nX-Multi: a\r\nX-Multi: b\r\n"
+                  b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    headers = json.loads(body)["headers"]
+    assert [v for k, v in headers if k.lower() == "x-multi"] == ["a", "b"]
+
+
 def test_rewrite_host_sends_the_local_address(local, expose, server):
     expose(local, extra=["--rewrite-host"])
     headers = {k.lower(): v for k, v in get(server, "/echo").json()["headers"]}
