@@ -529,3 +529,23 @@ def test_aioquic_a_real_loss_keeps_the_window_cut():
     window = rec._cc.congestion_window
     _ack(rec, space, [(0, 10), (11, 20)], now=0.06)  # (a duplicate ACK changes nothing)
     assert rec._cc.ssthresh is not None and rec._cc.congestion_window == window and rec.packet_threshold == 3
+
+
+@qh3_only
+@pytest.mark.parametrize("headers, error", [
+    ([(b":status", b"200"), (b"content-type", b"text/plain")], None),
+    ([(b":status", b"200"), (b"Content-Type", b"text/plain")], "contains uppercase letters"),
+    ([(b"content-type", b"text/plain"), (b":status", b"200")], "not allowed after regular headers"),
+    ([(b":status", b"200"), (b":status", b"204")], "included twice"),
+    ([(b":path", b"/")], "is not valid"),
+    ([(b"content-type", b"text/plain")], "are missing"),
+])
+def test_qh3_header_validation_keeps_its_checks_with_the_faster_upper_case_test(headers, error):
+    import qh3.h3.connection as h3
+    from reverst.quic import _qh3
+    assert h3.validate_headers is _qh3._validate_headers  # installed where qh3's callers look
+    if error is None:
+        assert h3.validate_response_headers(headers) == 200
+    else:
+        with pytest.raises(h3.MessageError, match=error):
+            h3.validate_response_headers(headers)
