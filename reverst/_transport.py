@@ -936,6 +936,11 @@ class Stream:
         return self._eof and not self._chunks
 
     @property
+    def complete(self) -> bool:
+        """Everything the peer will send has arrived: ``read()`` returns it without waiting."""
+        return self._eof and self._error is None
+
+    @property
     def readable(self) -> bool:
         """A read would not block: data buffered, or the end, or an error."""
         return bool(self._chunks) or self._eof or self._error is not None

@@ -128,6 +128,7 @@ def _response_status(fields) -> int:
     return 502
 
 
+@functools.lru_cache(maxsize=512)  # (statuses are 100..599: _check_response)
 def _status_line(code: int) -> str:
     try:
         return f"{code} {http.HTTPStatus(code).phrase}"
@@ -679,6 +680,12 @@ class TunnelServer:
         if method == "HEAD" or no_body:
             self._finish(stream, pump, slots)
             return [b""]
+        if stream.complete:  # the whole body came with the head (a small response): no relay
+            try:
+                body = stream.read()
+            finally:
+                self._finish(stream, pump, slots)
+            return [body]
         return self._relay(stream, pump, slots, start_response)
 
     # -- WebSockets (reverst.websocket) ------------------------------------------------------------
