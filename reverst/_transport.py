@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: A writer blocks while more than this many bytes are queued and unacknowledged.
 SEND_HIGH_WATER = 1024 * 1024
+#: Most bytes of received stream data joined into one piece per stream (Connection._process_events)
+RUN_LIMIT = 256 * 1024
 SEND_LOW_WATER = SEND_HIGH_WATER // 2
 RECV_BATCH = 64
 MAX_DATAGRAM = 65536
@@ -597,7 +599,30 @@ class Connection:
     def _process_events(self) -> None:
         quic, ev = self.quic, self._ev
         stream_events = (ev.StreamDataReceived, ev.StreamReset, ev.StopSendingReceived)
-        while (event := quic.next_event()) is not None:
+        data_event = ev.StreamDataReceived
+        run: dict | None = None  # a run of request-stream data events: stream id -> its events
+        run_bytes = 0
+        while True:
+            event = quic.next_event()
+            if event is not None and event.__class__ is data_event and not event.stream_id & 2:
+                # Consecutive pieces of a stream are parsed as one (streams sharing packets
+                # interleave them): the HTTP/3 layer's cost is per piece, ~45% of a busy
+                # reverstd's CPU on parallel downloads. Each stream keeps its order; no
+                # other kind of event is passed over.
+                if run is None:
+                    run, run_bytes = {event.stream_id: [event]}, len(event.data)
+                else:
+                    run.setdefault(event.stream_id, []).append(event)
+                    run_bytes += len(event.data)
+                if run_bytes >= RUN_LIMIT:  # (the gate on held bytes sees them once passed on)
+                    self._pass_run(run)
+                    run = None
+                continue
+            if run is not None:
+                self._pass_run(run)
+                run = None
+            if event is None:
+                break
             if isinstance(event, stream_events):
                 self._stream_event(event)
             elif isinstance(event, ev.HandshakeCompleted):
@@ -617,6 +642,10 @@ class Connection:
             elif isinstance(event, ev.ConnectionTerminated):
                 self._terminated(event)
         self._check_closed()
+
+    def _pass_run(self, run: dict) -> None:
+        for pieces in run.values():
+            self._stream_event(pieces[0] if len(pieces) == 1 else _joined(pieces))
 
     def _stream_event(self, event) -> None:
         sid = event.stream_id
@@ -842,6 +871,14 @@ class Connection:
         self._h3streams.clear()
         self._blocked_writers.clear()
         self.endpoint._remove(self)
+
+
+def _joined(pieces: list):
+    """One data event for consecutive data events of a stream (the first, extended)."""
+    first = pieces[0]
+    first.data = b"".join([piece.data for piece in pieces])
+    first.end_stream = pieces[-1].end_stream
+    return first
 
 
 class Stream:
