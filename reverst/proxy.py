@@ -156,7 +156,6 @@ class LocalProxy:
             return response.stream()
         return _relay(response.stream())
 
-
     def serve_stream(self, stream) -> bool:
         """Serve an HTTP/3 request stream straight, in a greenlet: its fields become the
         HTTP/1.1 request and the local service's response head becomes HTTP/3 fields,
