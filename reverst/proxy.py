@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import socket as socket_module
+import time
 from urllib.parse import quote, urlsplit
 
 from . import _http1client as http1
@@ -165,6 +166,19 @@ class LocalProxy:
         False, doing nothing, for an extended CONNECT (a WebSocket): the WSGI path
         serves it.
         """
+        if not logger.isEnabledFor(logging.DEBUG):
+            return self._forward_stream(stream) is not None
+        started = time.monotonic()
+        outcome = self._forward_stream(stream)
+        if outcome is not None:  # the path only: a query may carry tokens
+            pseudo = {k: v for k, v in stream.headers if k[:1] == b":"}
+            logger.debug("%s %s -> %d, %d bytes, %.1f ms", pseudo.get(b":method", b"GET").decode("latin-1"),
+                         pseudo.get(b":path", b"/").split(b"?", 1)[0].decode("latin-1"), outcome[0], outcome[1],
+                         (time.monotonic() - started) * 1000)
+        return outcome is not None
+
+    def _forward_stream(self, stream) -> tuple[int, int] | None:
+        """serve_stream's work: (status, body bytes sent), or None for a WebSocket."""
         method = target = authority = None
         scheme = b"https"
         headers: list[tuple[bytes, bytes]] = []
@@ -179,7 +193,7 @@ class LocalProxy:
                 elif name == b":scheme":
                     scheme = value
                 elif name == b":protocol":
-                    return False
+                    return None
             else:
                 headers.append((name, value))
         method_text = method.decode("latin-1") if method else "GET"
@@ -206,7 +220,7 @@ class LocalProxy:
         length = lengths.pop() if len(lengths) == 1 else None
         if lengths or (length is not None and not length.isdigit()):
             _answer(stream, 400, "reverst: invalid Content-Length\n")
-            return True
+            return 400, 0
         has_body = (length is not None and length != b"0") or (
             length is None and not stream.at_eof and method_text not in ("GET", "HEAD", "OPTIONS", "DELETE"))
         path = target.split(b"?", 1)[0].decode("latin-1")  # for logs: a query may carry tokens
@@ -216,22 +230,22 @@ class LocalProxy:
         except ValueError as exc:  # a line break in a field: a library let it through
             logger.warning("%s %s: invalid request: %s", method_text, path, exc)
             _answer(stream, 400, "reverst: invalid request\n")
-            return True
+            return 400, 0
         try:
             response = self._pool.send_request(head, method_text, WSGIInput(stream.read) if has_body else None,
                                                int(length) if has_body and length is not None else None)
         except http1.ConnectError as exc:
             logger.warning("%s %s: local service %s unreachable: %s", method_text, path, self.target, exc)
             _answer(stream, 502, f"reverst: local service {self.target} refused the connection\n")
-            return True
+            return 502, 0
         except http1.ReadTimeout:
             logger.warning("%s %s: local service %s timed out", method_text, path, self.target)
             _answer(stream, 504, f"reverst: local service {self.target} timed out\n")
-            return True
+            return 504, 0
         except http1.HTTPError as exc:
             logger.warning("%s %s: local service %s failed: %s", method_text, path, self.target, exc)
             _answer(stream, 502, f"reverst: local service {self.target} failed: {type(exc).__name__}\n")
-            return True
+            return 502, 0
         fields = _response_fields(response.status, response.raw_headers)
         if not status_has_body(response.status, method_text):
             if response.done:  # (a HEAD response's head is all of it; 204 and 304 have none)
@@ -239,7 +253,7 @@ class LocalProxy:
             else:
                 response.close()
             stream.send_headers(fields, True)
-            return True
+            return response.status, 0
         if response.done:  # the whole body came with the head: one operation, the usual case
             body = b"".join(response.stream())  # (the connection is back in the pool)
             if not any(k == b"content-length" for k, _ in fields):
@@ -247,27 +261,28 @@ class LocalProxy:
             stream.send_headers(fields, not body)
             if body:
                 stream.write(body, True)
-            return True
+            return response.status, len(body)
         try:
             stream.send_headers(fields)
         except BaseException:
             response.close()
             raise
-        chunks = response.stream()
+        chunks, sent = response.stream(), 0
         try:
             for chunk in chunks:
                 stream.write(chunk)
+                sent += len(chunk)
         except http1.HTTPError as exc:
             if isinstance(exc, http1.ReadTimeout):
                 logger.warning("local service timed out mid-response")
             else:
                 logger.warning("local service broke off the response: %s", exc)
             stream.reset(H3_INTERNAL_ERROR)
-            return True
+            return response.status, sent
         finally:
             chunks.close()  # a reset from the tunnel mid-body: the local connection is closed
         stream.close()
-        return True
+        return response.status, sent
 
     def _websocket(self, environ, start_response, tunnel_socket, target: str, headers):
         """A WebSocket: an HTTP/1.1 upgrade to the local service; its 101 goes back on the

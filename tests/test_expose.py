@@ -281,6 +281,13 @@ def test_get(exposed):
     assert r.headers["Content-Type"] == "text/plain"
 
 
+def test_each_request_is_logged_at_debug_without_its_query(local, expose, server):
+    client = expose(local)  # (-l debug)
+    assert get(server, "/hello?token=secret-in-query").status_code == 200
+    client.wait_for(r"DEBUG reverst\.proxy: GET /hello -> 200, 13 bytes, \d+\.\d ms$")
+    assert "secret-in-query" not in client.output()
+
+
 def test_unknown_path_status_passes_through(exposed):
     r = get(exposed, "/nope?x=1")
     assert (r.status_code, r.text) == (404, "no route /nope")
