@@ -196,25 +196,20 @@ class Pool:
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], chunked: bool) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    text = "\r\n".join(lines) + "\r\n\r\n"
-    # One CR and one LF per line, else a name or value carried a line break (HTTP/3 forbids
-    # them already; this keeps a WSGI server that doesn't from splitting the request).
-    if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
-        raise ValueError("CR or LF in the request line or a header")
-    return text.encode("latin-1")
+    return head_bytes(method.encode("latin-1"), target.encode("latin-1"),
+                      [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers], chunked)
 
 
 def head_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], chunked: bool) -> bytes:
-    """:func:`_head` for fields that are bytes already (an HTTP/3 request's)."""
+    """An HTTP/1.1 request head (:func:`_head` takes text; an HTTP/3 request's fields are
+    bytes already)."""
     lines = [b"%s %s HTTP/1.1" % (method, target)]
     lines += [b"%s: %s" % field for field in headers]
     if chunked:
         lines.append(b"Transfer-Encoding: chunked")
     head = b"\r\n".join(lines) + b"\r\n\r\n"
+    # One CR and one LF per line, else a name or value carried a line break (HTTP/3 forbids
+    # them already; this keeps a WSGI server that doesn't from splitting the request).
     if head.count(b"\n") != len(lines) + 1 or head.count(b"\r") != len(lines) + 1:
         raise ValueError("CR or LF in the request line or a header")
     return head

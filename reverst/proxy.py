@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit
 
 from . import _http1client as http1
 from . import websocket
-from .http3 import H3_INTERNAL_ERROR, HOP_BY_HOP, strip_hop_by_hop
+from .http3 import H3_INTERNAL_ERROR, HOP_BY_HOP, connection_tokens, strip_hop_by_hop
 from .wsgi import WSGIInput, status_has_body
 
 logger = logging.getLogger("reverst.proxy")
@@ -26,7 +26,7 @@ _UNSAFE_TARGET = re.compile(r"[^\x21-\x7e]")
 _UNSAFE_TARGET_BYTES = re.compile(rb"[^\x21-\x7e]")
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 #: ``Connection`` tokens that name no field
-_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close", b""})
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
 
 
 def parse_target(addr: str) -> str:
@@ -374,8 +374,8 @@ def _response_fields(status: int, headers: list[tuple[bytes, bytes]]) -> list[tu
     drop = _HOP_BY_HOP_BYTES
     for name, value in lows:
         if name == b"connection":  # (nginx: "keep-alive", which names nothing more)
-            named = {t.strip().lower() for t in value.split(b",")} - _CONNECTION_OPTIONS
-            if named:
+            named = {t.encode("latin-1") for t in connection_tokens([value.decode("latin-1")])}
+            if not named <= _CONNECTION_OPTIONS:
                 drop = drop | named
     fields += [field for field in lows if field[0] not in drop]
     return fields
