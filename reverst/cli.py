@@ -12,6 +12,7 @@ import time
 
 import click
 
+from . import _malloc
 from .durations import parse_duration
 from .errors import ConfigError, ReverstError
 
@@ -133,6 +134,7 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
              quic_retry, handshake_timeout, registration_timeout):
     """Run the reverst tunnel server."""
     _setup_logging(log, log_format)
+    _malloc.fix_mmap_threshold()
     https_certificate = _https_certificate(https_address, https_certificate_path, https_private_key_path)
     import prometheus_client
     prometheus_client.disable_created_metrics()  # no *_created series: the Go server has none
@@ -359,6 +361,7 @@ def _run_client(app, description: str, opts: dict, threads: int) -> None:
     """
     if threads == 0:
         _cooperative()
+    _malloc.fix_mmap_threshold()
     from .client import Client
     group = opts["tunnel_group"] or opts["server_name"]
     announced = []

@@ -17,12 +17,11 @@ import time
 import gevent
 import gevent.event
 import gevent.lock
-import gevent.pywsgi
 import gevent.queue
 import gevent.server
 import gevent.socket
 import gevent.ssl as gevent_ssl
-from . import auth, http1, protocol, websocket
+from . import _malloc, auth, http1, protocol, websocket
 from ._transport import CLOSE_LINGER_UNREGISTERED, Connection, Endpoint, H3Stream
 from .config import GroupsConfig
 from .forwarding import TrustedProxies, visitor_address
@@ -255,9 +254,10 @@ class TunnelServer:
             gevent.spawn(self._sweep_public, public)
             listener.start()
         if self._management_bind is not None:
+            from gevent.pywsgi import WSGIServer  # (here: ~1 MB of modules a server without it never loads)
             from .management import ManagementApp
-            self._management = gevent.pywsgi.WSGIServer(self._management_bind, ManagementApp(self), log=None,
-                                                         error_log=logging.getLogger("reverst.management"))
+            self._management = WSGIServer(self._management_bind, ManagementApp(self), log=None,
+                                          error_log=logging.getLogger("reverst.management"))
             self._management.start()
             logger.info("management on tcp %s", format_address(self.management_address))
         if self.groups_loaded.is_set() and not self.groups.groups:
@@ -499,16 +499,11 @@ class TunnelServer:
     def _trim_memory(self, interval: float = 5.0) -> None:
         """After a burst of registrations (handshakes allocate and free a lot), hand the
         freed heap back to the OS: glibc keeps it otherwise, and RSS stays at the peak."""
-        try:
-            import ctypes
-            trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            return  # not glibc
         seen = self._registered_total
         while not self._stopped.wait(interval):
             if self._registered_total != seen:
                 seen = self._registered_total
-                trim(0)
+                _malloc.trim()
 
     def _on_tunnel_closed(self, conn: Connection) -> None:
         self._slots.pop(conn, None)

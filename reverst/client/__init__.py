@@ -21,7 +21,7 @@ import gevent
 import gevent.event
 import gevent.socket
 
-from .. import protocol
+from .. import _malloc, protocol
 from .._transport import Connection, Endpoint, parse_address
 from ..logs import format_address
 from ..auth import basic_authorization, bearer_authorization
@@ -534,8 +534,11 @@ def serve(app, tunnel_address, *, tunnel_group: str, grace_period: float = 30.0,
     Options are those of :class:`Client`. Called in the main thread, SIGINT (Ctrl-C) and
     SIGTERM stop it gracefully, as ``reverst wsgi`` does (:meth:`Client.stop`: GOAWAY, the
     requests in flight get up to ``grace_period`` seconds, the tunnels close with 0x0), and
-    then it returns; the signals' previous handling comes back.
+    then it returns; the signals' previous handling comes back. Like the CLI, it fixes
+    glibc's mmap threshold for the process (see ``reverst._malloc``), unless
+    ``MALLOC_MMAP_THRESHOLD_`` is set.
     """
+    _malloc.fix_mmap_threshold()
     client = Client(app, tunnel_address, tunnel_group=tunnel_group, **options)
     watchers = []
     if threading.current_thread() is threading.main_thread():
