@@ -1,4 +1,5 @@
 """WSGI/Flask applications served through the tunnel by the end-to-end tests."""
+import contextvars
 import hashlib
 import os
 import random
@@ -22,6 +23,19 @@ def pattern(size: int):
 @app.route("/hello")
 def hello():
     return "Hello, World!"
+
+
+#: set by /context: a request that finds it set saw a value from an earlier request
+LEFT_OVER = contextvars.ContextVar("left_over", default="unset")
+
+
+@app.route("/context")
+def context():
+    """This request's view of LEFT_OVER (then set) and the greenlet it runs in."""
+    import gevent
+    seen = LEFT_OVER.get()
+    LEFT_OVER.set("set by an earlier request")
+    return {"seen": seen, "greenlet": id(gevent.getcurrent())}
 
 
 @app.route("/name")

@@ -82,6 +82,17 @@ def test_round_robin_after_the_group_shrinks_and_grows_starts_on_the_oldest(serv
     assert names == ["a", "b"] * 5
 
 
+@pytest.mark.parametrize("threads", ["0", "4"])
+def test_requests_do_not_see_each_others_context(server, start_client, threads):
+    """In greenlets a request runs on a reused greenlet (one after another here), each
+    time in a fresh contextvars context, as in a new greenlet or thread."""
+    start_client(extra=("--threads", threads))
+    answers = [get(server, "/context").json() for _ in range(6)]
+    assert [a["seen"] for a in answers] == ["unset"] * 6
+    if threads == "0":
+        assert len({a["greenlet"] for a in answers}) < 6  # a greenlet served more than one
+
+
 def test_headers_forwarded_like_go(tunnel):
     r = get(tunnel, "/echo?x=1", headers={
         "Connection": "keep-alive, X-Custom", "X-Custom": "1", "Keep-Alive": "timeout=5",
