@@ -32,7 +32,7 @@ from .errors import ConnectionClosed, StreamReset
 from .http3 import H3_ERROR_NAMES, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
 from .logs import format_address
 from .protocol import AppErrorCode
-from .quic import (CID_LENGTH, Admission, encode_stateless_reset, encode_version_negotiation,
+from .quic import (CID_LENGTH, INVALID_TOKEN, Admission, encode_stateless_reset, encode_version_negotiation,
                    initial_token_untrusted, load_backend, parse_header_untrusted, stateless_reset_token)
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ class Endpoint:
             if verdict.action != "accept":
                 if verdict.action == "retry":
                     self._sendto(admission.retry_packet(header, addr, verdict.retry_cid, t), addr)
+                elif verdict.action == "close":
+                    self._close_initial(backend, cfg, verdict, data, addr, t)
                 self._log_admission(t)
                 return None
             original, retry_cid = verdict.original_cid, verdict.retry_cid
@@ -251,6 +253,17 @@ class Endpoint:
         if self._on_connection is not None:
             self._on_connection(conn)
         return conn
+
+    def _close_initial(self, backend, cfg, verdict, data: bytes, addr, t: float) -> None:
+        """Answer an Initial with a CONNECTION_CLOSE of INVALID_TOKEN and keep nothing: the
+        library reads it (for the Initial keys and the client's id) and writes the close."""
+        quic = backend.server_connection(cfg, verdict.original_cid, verdict.retry_cid, **self._connection_options)
+        try:
+            quic.receive_datagram(data, addr, t)
+            quic.close(error_code=INVALID_TOKEN, frame_type=0, reason_phrase="invalid token")
+            self.send_datagrams(quic.datagrams_to_send(now=t))
+        except Exception:  # noqa: BLE001 (an Initial the library rejects: nothing to answer)
+            logger.debug("no INVALID_TOKEN close for an Initial from %s", format_address(addr), exc_info=True)
 
     def _log_admission(self, t: float) -> None:
         """One line at most every ADMISSION_LOG_INTERVAL seconds while handshakes are refused

@@ -162,6 +162,27 @@ def test_admission_caps_retry_and_handshake_timeout():
 
 
 
+def test_per_address_caps_hold_from_half_of_the_totals():
+    """One address (a NAT, a client with many connections) may use the free room; once a
+    stage holds half its total cap, the per-address caps hold again."""
+    initial = parse_header_untrusted(b"\xc0\x00\x00\x00\x01\x08" + b"d" * 8 + b"\x08" + b"s" * 8 + b"\x00" * 1200)
+    a = Admission("never", max_handshakes=8, max_handshakes_per_address=2, max_unregistered=8,
+                  max_unregistered_per_address=2)
+
+    def admit(ip, key):
+        v = a.admit_untrusted(initial, b"", (ip, 1000), 0.0, b"r" * 8)
+        if v.action == "accept":
+            a.started(key, (ip, 1000), 0.0)
+        return v.reason or v.action
+    assert [admit("10.0.0.1", i) for i in range(6)] == ["accept"] * 4 + ["handshakes_per_address"] * 2
+    assert [admit("10.0.0.2", i) for i in range(10, 13)] == ["accept", "accept", "handshakes_per_address"]
+    assert [a.handshake_done(i) for i in range(4)] == [True] * 4  # 10.0.0.1: 4 unregistered (half of 8)
+    assert [a.handshake_done(i) for i in (10, 11)] == [True, True]  # 10.0.0.2: its own 2
+    assert a.unregistered == 6 and a.refused["unregistered_per_address"] == 0
+    assert admit("10.0.0.1", 20) == "unregistered_per_address"
+    assert admit("10.0.0.3", 21) == "accept"
+
+
 def test_admission_unregistered_caps_hold_at_handshake_completion():
     """The unregistered caps are checked at the Initial, but handshakes admitted before the
     count filled finish later: those past the caps are refused at completion (the shell closes
@@ -285,6 +306,35 @@ def test_a_flood_of_initials_is_capped_freed_and_with_retry_does_not_delay_regis
                       timeout=HANDSHAKE_TIMEOUT + 3)
     assert server.metrics()["reverst_quic_handshakes_refused_total", {"reason": "handshake_timeout"}] >= 1
     register(server, certs)  # and a client still gets in
+
+
+@pytest.mark.parametrize("backend_name", available_backends())
+def test_a_late_token_gets_an_invalid_token_close_not_silence(certs, relay_factory, backend_name):
+    """A client whose token-bearing Initial arrives after the token expired (dropped before
+    by a cap, a slow path) is real but will not take a second Retry: it is answered with a
+    CONNECTION_CLOSE of INVALID_TOKEN at once (RFC 9000 §8.1.3), not left to its handshake
+    timeout. A relay delays each client packet past the token's (shortened) lifetime."""
+    from reverst._transport import Endpoint
+    from reverst.quic import INVALID_TOKEN, load_backend
+    backend = load_backend(backend_name)
+    server_cfg = backend.server_configuration(certificate_path=str(certs["cert"]), private_key_path=str(certs["key"]),
+                                              idle_timeout=30.0)
+    server = Endpoint.bind("127.0.0.1", 0, backend=backend, server_config=server_cfg,
+                           admission=Admission("always", tokens=RetryTokens(lifetime=0.3)))
+    server.start()
+    relay = relay_factory(server.address, up=Impairment(delay=0.45))
+    client = Endpoint.bind("127.0.0.1", 0, backend=backend)
+    client.start()
+    try:
+        cfg = backend.client_configuration(server_name="localhost", idle_timeout=30.0, max_datagram_size=1452,
+                                           insecure=True)
+        conn = client.connect(relay.address, cfg)
+        assert conn.closed.wait(3), "no answer to the late token"
+        assert conn.close_reason.error_code == INVALID_TOKEN, conn.close_reason
+        assert server.admission.refused["invalid_token"] >= 1 and server.admission.handshaking == 0
+    finally:
+        client.close()
+        server.close()
 
 
 # -- connections that never register ------------------------------------------------------------------

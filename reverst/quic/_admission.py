@@ -86,9 +86,12 @@ def _address_bytes(addr: tuple) -> bytes:
 class InvalidToken(Exception):
     """A token of ours that fails: forged, altered, expired, or for another address."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, original_cid: bytes | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        #: the original destination id of a token that is ours and for this address and
+        #: id, but expired (then the client is real: RFC 9000 §8.1.3 closes with INVALID_TOKEN)
+        self.original_cid = original_cid
 
 
 class RetryTokens:
@@ -131,7 +134,7 @@ class RetryTokens:
             raise InvalidToken("forged or for another address")
         age = now - int.from_bytes(token[n:n + 8], "big") / 1000
         if not -1.0 <= age <= self.lifetime:
-            raise InvalidToken("expired")
+            raise InvalidToken("expired", token[n + 9:body_end])
         return token[n + 9:body_end]
 
 
@@ -162,6 +165,12 @@ MAX_HANDSHAKES = 256         # handshakes in progress, in all
 MAX_HANDSHAKES_PER_ADDRESS = 16
 MAX_UNREGISTERED = 512       # past the handshake, not registered (yet), in all
 MAX_UNREGISTERED_PER_ADDRESS = 32
+#: The per-address caps hold once a stage holds this share of its total cap. Below it one
+#: address may use the free room: many tunnel clients behind one NAT address, or one client
+#: with many connections, register at once instead of 16 at a time (the rest of their
+#: Initials dropped, their handshakes waiting out doubling PTOs: 1,000 connections of one
+#: client took 183 s to register).
+PER_ADDRESS_FROM = 0.5
 HANDSHAKE_TIMEOUT = 5.0      # an unfinished handshake is dropped after this long (seconds)
 #: Addresses that registered a tunnel before (the last KNOWN_ADDRESSES of them) have this
 #: many more handshakes, and unregistered connections, beyond the caps: a flood of real
@@ -171,13 +180,18 @@ KNOWN_RESERVE = 32
 KNOWN_ADDRESSES = 10000
 
 #: Refusal reasons (the ``reason`` label of reverst_quic_handshakes_refused_total).
+#: RFC 9000 §20.1 transport error code
+INVALID_TOKEN = 0x0B
+
 REFUSAL_REASONS = ("handshakes", "handshakes_per_address", "unregistered", "unregistered_per_address",
                    "invalid_token", "handshake_timeout")
 
 
 class Verdict(NamedTuple):
     """What to do with a new Initial: ``action`` is "accept" (with the connection ids the
-    server's transport parameters must carry), "retry" or "drop" (with ``reason``)."""
+    server's transport parameters must carry), "retry", "drop" (with ``reason``), or
+    "close": answer it with a CONNECTION_CLOSE of INVALID_TOKEN (its token is ours and
+    for this client, but expired; RFC 9000 §8.1.3), with the ids a connection would carry."""
     action: str
     original_cid: bytes = b""
     retry_cid: bytes | None = None
@@ -245,17 +259,21 @@ class Admission:
         if token and self.tokens.is_ours(token):
             try:
                 original = self.tokens.check_untrusted(token, addr, header.destination_cid, now)
-            except InvalidToken:
-                return self._refuse("invalid_token")  # (its Retry parameters could not match)
+            except InvalidToken as exc:
+                self.refused["invalid_token"] += 1  # (its Retry parameters could not match)
+                if exc.original_cid is not None:  # a real client, late: it will not take another Retry
+                    return Verdict("close", exc.original_cid, header.destination_cid, "invalid_token")
+                return Verdict("drop", reason="invalid_token")
             rscid = header.destination_cid
         # (another token, e.g. from a NEW_TOKEN of some other server: as if none, RFC 9000 §8.1.3)
         reserve = self.known_reserve if ip in self._known else 0
         if self.unregistered >= self.max_unregistered + reserve:
             return self._refuse("unregistered")
-        if self._unregistered_by_ip.get(ip, 0) >= self.max_unregistered_per_address:
+        if self._over_unregistered_per_address(ip):
             return self._refuse("unregistered_per_address")
         over_total = self.handshaking >= self.max_handshakes + reserve
-        over_address = self._handshaking_by_ip.get(ip, 0) >= self.max_handshakes_per_address
+        over_address = (self._handshaking_by_ip.get(ip, 0) >= self.max_handshakes_per_address
+                        and self.handshaking >= PER_ADDRESS_FROM * self.max_handshakes)
         if rscid is None and self.mode is not Mode.NEVER and (
                 self.mode is Mode.ALWAYS or over_total or over_address or self.handshaking >= self.retry_threshold):
             self.retries += 1
@@ -307,13 +325,17 @@ class Admission:
         if self.unregistered >= self.max_unregistered + reserve:
             self.refused["unregistered"] += 1
             return False
-        if self._unregistered_by_ip.get(ip, 0) >= self.max_unregistered_per_address:
+        if self._over_unregistered_per_address(ip):
             self.refused["unregistered_per_address"] += 1
             return False
         self._state[key] = (ip, _UNREGISTERED)
         self._unregistered_by_ip[ip] = self._unregistered_by_ip.get(ip, 0) + 1
         self.unregistered += 1
         return True
+
+    def _over_unregistered_per_address(self, ip: str) -> bool:
+        return (self._unregistered_by_ip.get(ip, 0) >= self.max_unregistered_per_address
+                and self.unregistered >= PER_ADDRESS_FROM * self.max_unregistered)
 
     def registered(self, key: Hashable) -> None:
         """The connection is a tunnel now: no longer counted, and its address known."""
