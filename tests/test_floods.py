@@ -162,6 +162,20 @@ def test_admission_caps_retry_and_handshake_timeout():
 
 
 
+def test_expired_tokens_get_a_bounded_number_of_closes_and_forged_ones_none():
+    from reverst.quic._admission import MAX_CLOSES_PER_SECOND
+    addr, odcid, rscid = ("127.0.0.1", 4433), os.urandom(8), os.urandom(8)
+    initial = parse_header_untrusted(b"\xc0\x00\x00\x00\x01\x08" + rscid + b"\x08" + b"s" * 8 + b"\x00" * 1200)
+    a = Admission("auto", tokens=RetryTokens(lifetime=1.0))
+    token = a.tokens.issue(addr, odcid, rscid, now=100.0)
+    late = [a.admit_untrusted(initial, token, addr, 102.0, b"r" * 8) for _ in range(MAX_CLOSES_PER_SECOND + 5)]
+    assert late[0] == ("close", odcid, rscid, "invalid_token")
+    assert [v.action for v in late].count("close") == MAX_CLOSES_PER_SECOND  # the rest dropped
+    assert a.admit_untrusted(initial, token, addr, 103.0, b"r" * 8).action == "close"  # (a new second)
+    other = a.admit_untrusted(initial, token, ("127.0.0.2", 4433), 103.0, b"r" * 8)  # not its address
+    assert other.action == "drop" and a.refused["invalid_token"] == MAX_CLOSES_PER_SECOND + 7
+
+
 def test_per_address_caps_hold_from_half_of_the_totals():
     """One address (a NAT, a client with many connections) may use the free room; once a
     stage holds half its total cap, the per-address caps hold again."""

@@ -182,6 +182,8 @@ KNOWN_ADDRESSES = 10000
 #: Refusal reasons (the ``reason`` label of reverst_quic_handshakes_refused_total).
 #: RFC 9000 §20.1 transport error code
 INVALID_TOKEN = 0x0B
+#: INVALID_TOKEN closes a second at most (beyond that a late Initial is dropped)
+MAX_CLOSES_PER_SECOND = 64
 
 REFUSAL_REASONS = ("handshakes", "handshakes_per_address", "unregistered", "unregistered_per_address",
                    "invalid_token", "handshake_timeout")
@@ -236,6 +238,7 @@ class Admission:
         #: what was refused, by reason (REFUSAL_REASONS), and Retry packets sent
         self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.retries = 0
+        self._close_second, self._closes = 0, 0
 
     def __repr__(self) -> str:
         return (f"<Admission retry={self.mode.value} handshaking={self.handshaking} "
@@ -261,7 +264,8 @@ class Admission:
                 original = self.tokens.check_untrusted(token, addr, header.destination_cid, now)
             except InvalidToken as exc:
                 self.refused["invalid_token"] += 1  # (its Retry parameters could not match)
-                if exc.original_cid is not None:  # a real client, late: it will not take another Retry
+                # A real client whose token expired will not take another Retry: tell it.
+                if exc.original_cid is not None and self._may_close(now):
                     return Verdict("close", exc.original_cid, header.destination_cid, "invalid_token")
                 return Verdict("drop", reason="invalid_token")
             rscid = header.destination_cid
@@ -283,6 +287,15 @@ class Admission:
         if over_address:
             return self._refuse("handshakes_per_address")
         return Verdict("accept", original, rscid)
+
+    def _may_close(self, now: float) -> bool:
+        """At most MAX_CLOSES_PER_SECOND INVALID_TOKEN closes a second: each costs the
+        library's reading of a ClientHello, and a replayed late Initial must not buy that."""
+        second = int(now)
+        if second != self._close_second:
+            self._close_second, self._closes = second, 0
+        self._closes += 1
+        return self._closes <= MAX_CLOSES_PER_SECOND
 
     def retry_packet(self, header: Header, addr: tuple, retry_cid: bytes, now: float) -> bytes:
         """The Retry (with a fresh token) for an Initial that :meth:`admit_untrusted` said to retry."""
