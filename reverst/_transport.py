@@ -1046,6 +1046,14 @@ class Stream:
         self._shut(error_code, error_code)
         self._fail(StreamReset(self.stream_id, error_code))
 
+    def abort(self, error_code: int) -> None:
+        """Cut a response that has begun: what is queued (its head, say) goes out first,
+        then the reset. (RESET_STREAM discards unsent data: a head queued in the same step
+        as the reset never left, and the peer saw a reset before any response.)"""
+        if self.conn.is_open:
+            self.conn.transmit()
+        self.reset(error_code)
+
     def finish(self, stop_reading: bool = True) -> None:
         """Done with the stream: reset an unfinished send side and, unless told
         otherwise, ask the peer to stop an unfinished receive side."""

@@ -277,7 +277,7 @@ class LocalProxy:
                 logger.warning("local service timed out mid-response")
             else:
                 logger.warning("local service broke off the response: %s", exc)
-            stream.reset(H3_INTERNAL_ERROR)
+            stream.abort(H3_INTERNAL_ERROR)
             return response.status, sent
         finally:
             chunks.close()  # a reset from the tunnel mid-body: the local connection is closed

@@ -548,7 +548,7 @@ class WSGIHandler:
                                                (b"content-length", b"22")], False)
                     post(stream.queue, b"internal server error\n", True)
                 else:  # the status is out: only an abort can tell the client
-                    post(stream.reset, H3_INTERNAL_ERROR)
+                    post(stream.abort, H3_INTERNAL_ERROR)
             except (StreamReset, ConnectionClosed):
                 pass
         finally:

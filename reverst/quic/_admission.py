@@ -179,12 +179,12 @@ HANDSHAKE_TIMEOUT = 5.0      # an unfinished handshake is dropped after this lon
 KNOWN_RESERVE = 32
 KNOWN_ADDRESSES = 10000
 
-#: Refusal reasons (the ``reason`` label of reverst_quic_handshakes_refused_total).
 #: RFC 9000 §20.1 transport error code
 INVALID_TOKEN = 0x0B
 #: INVALID_TOKEN closes a second at most (beyond that a late Initial is dropped)
 MAX_CLOSES_PER_SECOND = 64
 
+#: Refusal reasons (the ``reason`` label of reverst_quic_handshakes_refused_total).
 REFUSAL_REASONS = ("handshakes", "handshakes_per_address", "unregistered", "unregistered_per_address",
                    "invalid_token", "handshake_timeout")
 
