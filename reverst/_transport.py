@@ -37,11 +37,8 @@ from .quic import (CID_LENGTH, INVALID_TOKEN, Admission, encode_stateless_reset,
 
 logger = logging.getLogger(__name__)
 
-#: A writer blocks while more than this many bytes are queued and unacknowledged.
-SEND_HIGH_WATER = 1024 * 1024
 #: Most bytes of received stream data joined into one piece per stream (Connection._process_events)
 RUN_LIMIT = 256 * 1024
-SEND_LOW_WATER = SEND_HIGH_WATER // 2
 RECV_BATCH = 64
 MAX_DATAGRAM = 65536
 #: At most one log line about refused handshakes and Retry packets per this many seconds.
@@ -481,6 +478,9 @@ class Connection:
         self.h3 = None  # the backend's HTTP/3 layer, once attach_h3() ran
         self._ev = self.backend.events
         self._stream_errors = self.backend.STREAM_ERRORS
+        #: a writer blocks above the high water mark (the backend's; see its send_buffered)
+        #: and is woken at half of it
+        self.send_high_water = self.backend.SEND_HIGH_WATER
         self._is_server = endpoint._server_config is not None
         self.handshake_done = gevent.event.Event()
         self.closed = gevent.event.Event()
@@ -552,7 +552,8 @@ class Connection:
     def _wake_writers(self) -> None:
         if self._blocked_writers:
             for stream in list(self._blocked_writers):
-                if stream._error is not None or self.quic.send_buffered(stream.stream_id) <= SEND_LOW_WATER:
+                if (stream._error is not None
+                        or self.quic.send_buffered(stream.stream_id) <= self.send_high_water // 2):
                     self._blocked_writers.discard(stream)
                     stream._writable.set()
 
@@ -1021,9 +1022,9 @@ class Stream:
         self.conn.schedule_transmit()
 
     def wait_writable(self) -> None:
-        """Block while more than SEND_HIGH_WATER bytes are queued and unacknowledged."""
+        """Block while more than the connection's ``send_high_water`` bytes are buffered."""
         conn = self.conn
-        while conn.quic.send_buffered(self.stream_id) > SEND_HIGH_WATER:
+        while conn.quic.send_buffered(self.stream_id) > conn.send_high_water:
             self._check_writable()
             conn._blocked_writers.add(self)
             self._writable.clear()

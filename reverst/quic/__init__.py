@@ -12,7 +12,8 @@ library and nothing of the other's:
 :func:`load_backend` picks one: by name, else ``REVERST_QUIC_BACKEND``, else ``auto``
 (qh3 when it is installed).  A backend module provides:
 
-``NAME``; ``events`` (the event classes the shell dispatches on: StreamDataReceived,
+``NAME``; ``SEND_HIGH_WATER`` (a writer blocks while more than this is buffered on a
+stream, as its ``send_buffered`` counts); ``events`` (the event classes the shell dispatches on: StreamDataReceived,
 StreamReset, StopSendingReceived, HandshakeCompleted, ConnectionIdIssued,
 ConnectionIdRetired, ConnectionTerminated, HeadersReceived, DataReceived);
 ``STREAM_ERRORS`` (what a send on a reset stream raises); ``client_configuration()``,

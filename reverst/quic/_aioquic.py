@@ -44,6 +44,9 @@ from ._common import Liveness, is_stateless_reset_candidate, stateless_reset_tok
 
 NAME = "aioquic"
 SERVES_EMPTY_CLIENT_CIDS = True  # (see reverst.quic._qh3)
+#: A writer blocks while more bytes than this are queued and unacknowledged on a stream
+#: (:meth:`TunnelQuicConnection.send_buffered` counts the bytes in flight too).
+SEND_HIGH_WATER = 1024 * 1024
 
 import aioquic as _library  # noqa: E402
 
