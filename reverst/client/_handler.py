@@ -409,7 +409,10 @@ class WSGIHandler:
         except Exception:
             logger.exception("request on %r failed", stream)
         finally:
-            self.finished(stream)
+            # After this loop iteration's transmit, not before: the response leaves first
+            # (the bookkeeping was on a lone request's critical path), and its bytes are
+            # sent by then, so the stream is seldom kept in _sending.
+            get_hub().loop.run_callback(self.finished, stream)
 
     def finished(self, stream: H3Stream) -> None:
         """A request is over (in the hub): its stream state goes."""
