@@ -1,7 +1,7 @@
 """A stream writer's back-pressure over real QUIC on loopback, on each backend: once the
 peer stops granting credit, the writer blocks with between half and just over the
-backend's high water mark buffered (``SEND_HIGH_WATER``, as its ``send_buffered`` counts), and it goes on once the
-peer reads."""
+backend's high water mark buffered (``SEND_HIGH_WATER``, as its ``send_buffered``
+counts), and it goes on once the peer reads."""
 import time
 
 import gevent

@@ -210,7 +210,8 @@ def _respond(stream: H3Stream, fields, data: bytes, end: bool, done=None) -> Non
 def _end(stream: H3Stream, done) -> None:
     # queue(), not close(): this runs in a hub callback, which must not block, and close()
     # waits while more than the connection's send_high_water bytes are buffered (a big
-    # body's last pieces). The worker already waited for room after each POST_LIMIT bytes it posted.
+    # body's last pieces). The worker already waited for room after each POST_LIMIT bytes
+    # it posted.
     try:
         stream.queue(b"", True)
     finally:

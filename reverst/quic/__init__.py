@@ -13,9 +13,10 @@ library and nothing of the other's:
 (qh3 when it is installed).  A backend module provides:
 
 ``NAME``; ``SEND_HIGH_WATER`` (a writer blocks while more than this is buffered on a
-stream, as its ``send_buffered`` counts); ``events`` (the event classes the shell dispatches on: StreamDataReceived,
-StreamReset, StopSendingReceived, HandshakeCompleted, ConnectionIdIssued,
-ConnectionIdRetired, ConnectionTerminated, HeadersReceived, DataReceived);
+stream, as its ``send_buffered`` counts); ``events`` (the event classes the shell
+dispatches on: StreamDataReceived, StreamReset, StopSendingReceived, HandshakeCompleted,
+ConnectionIdIssued, ConnectionIdRetired, ConnectionTerminated, HeadersReceived,
+DataReceived);
 ``STREAM_ERRORS`` (what a send on a reset stream raises); ``client_configuration()``,
 ``server_configuration()``; ``client_connection(cfg, **options)``,
 ``server_connection(cfg, original_destination_connection_id, retry_source_connection_id=None,
