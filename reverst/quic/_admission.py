@@ -263,11 +263,11 @@ class Admission:
             try:
                 original = self.tokens.check_untrusted(token, addr, header.destination_cid, now)
             except InvalidToken as exc:
-                self.refused["invalid_token"] += 1  # (its Retry parameters could not match)
                 # A real client whose token expired will not take another Retry: tell it.
                 if exc.original_cid is not None and self._may_close(now):
+                    self.refused["invalid_token"] += 1
                     return Verdict("close", exc.original_cid, header.destination_cid, "invalid_token")
-                return Verdict("drop", reason="invalid_token")
+                return self._refuse("invalid_token")  # (its Retry parameters could not match)
             rscid = header.destination_cid
         # (another token, e.g. from a NEW_TOKEN of some other server: as if none, RFC 9000 §8.1.3)
         reserve = self.known_reserve if ip in self._known else 0
