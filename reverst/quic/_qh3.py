@@ -129,6 +129,7 @@ _DataReceived, _HeadersReceived = h3_events.DataReceived, h3_events.HeadersRecei
 
 _OPEN_STATES = ("first_flight", "connected")
 _DATA_FRAME, _HEADERS_FRAME = int(FrameType.DATA), int(FrameType.HEADERS)
+_NO_CONTENT = ((b":status", b"204"), (b":status", b"304"))
 #: Hold an ACK that would leave alone up to this long, unless two datagrams came in since
 #: our last send: a request/response exchange then carries its ACKs. The native core
 #: acknowledges a FIN at once (4-5 datagrams per lone request instead of 2).
@@ -197,6 +198,14 @@ class TunnelQuicConnection(Liveness, QuicConnection):
             return True
         peer_max, _, opened, _ = self._core.stream_limits
         return opened < peer_max
+
+    def send_stream_data(self, stream_id: int, data, end_stream: bool = False) -> None:
+        # The HTTP/3 layer writes the QPACK instructions of each HEADERS frame it encodes
+        # or decodes, and with no dynamic table there are none: an empty write to a
+        # unidirectional stream (each opened with its type byte) is skipped, a native
+        # call less per HEADERS frame.
+        if data or end_stream or not stream_id & 2:
+            super().send_stream_data(stream_id, data, end_stream)
 
     def send_buffered(self, stream_id: int) -> int:
         """Bytes queued on a stream and not yet sent (qh3 tells no per-stream unacked
@@ -579,8 +588,8 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
         if len(set(values)) != 1 or not values[0].isdigit():
             raise MessageError("invalid content-length header")
         declared = int(values[0])
-        no_content = sid in self._head_requests or any(
-            k == b":status" and v in (b"204", b"304") for k, v in headers)
+        # (validated: the pseudo-fields come first, and a response's only one is :status)
+        no_content = sid in self._head_requests or headers[0] in _NO_CONTENT
         self._expected_length[sid] = [0 if no_content else declared, 0]
 
     def _data_length(self, sid: int, size: int) -> None:
