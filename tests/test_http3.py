@@ -358,6 +358,7 @@ RESPONSE_SCRIPTS = {
     "an interim response first": [(1, [(b":status", b"103"), (b"link", b"</a>")]),
                                   (1, [(b":status", b"200")]), (0, b"body")],
     "no content": [(1, [(b":status", b"204")])],
+    "not modified, with the length of what it stands for": [(1, [(b":status", b"304"), (b"content-length", b"5")])],
     "a repeated content-length": [(1, [(b":status", b"200"), (b"content-length", b"1"),
                                        (b"content-length", b"2")]), (0, b"x")],
     "a connection-specific field": [(1, [(b":status", b"200"), (b"connection", b"close")])],

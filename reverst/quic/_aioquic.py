@@ -391,6 +391,9 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         return datagrams
 
 
+_NO_CONTENT = ((b":status", b"204"), (b":status", b"304"))
+
+
 class ReversedH3Connection(ReversedRoles, H3Connection):
     """aioquic's H3Connection with the HTTP role given (see reverst.http3.ReversedRoles),
     a bound on HEADERS frames (aioquic buffers one whole, however long it says it is),
@@ -438,8 +441,16 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
             if stream.is_ended():
                 self._stream.pop(stream_id)
 
+    def _decode_headers(self, stream_id: int, frame_data):
+        headers = super()._decode_headers(stream_id, frame_data)
+        if self._http_client and headers and headers[0] in _NO_CONTENT:
+            # A 204 or 304 may announce a length and has no content (RFC 9114 §4.1.2):
+            # aioquic would hold the missing bytes against it.
+            self._stream[stream_id].no_content = True
+        return headers
+
     def _check_content_length(self, stream: H3Stream) -> None:
-        if stream.stream_id not in self._head_requests:
+        if stream.stream_id not in self._head_requests and not getattr(stream, "no_content", False):
             super()._check_content_length(stream)
 
     def _handle_request_or_push_end(self, stream):
