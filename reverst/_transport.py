@@ -1127,10 +1127,15 @@ class H3Stream(Stream):
     def _send(self, data: bytes, end: bool) -> None:
         self.conn.h3.send_data(self.stream_id, data, end)
 
-    def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool = False) -> None:
+    def send_headers(self, headers: list[tuple[bytes, bytes]], end: bool = False, data: bytes = b"") -> None:
+        """The head; with ``data``, the first piece of the body too, in the same write
+        (queued without waiting, as :meth:`queue`)."""
         self._check_writable()
         try:
-            self.conn.h3.send_headers(self.stream_id, headers, end_stream=end)
+            if data:
+                self.conn.h3.send_head(self.stream_id, headers, data, end)
+            else:
+                self.conn.h3.send_headers(self.stream_id, headers, end_stream=end)
         except self.conn._stream_errors as exc:
             raise self._send_failed(exc) from exc
         self._send_ended = end

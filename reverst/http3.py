@@ -169,6 +169,11 @@ class ReversedRoles:
             self._head_requests.add(stream_id)  # its response has a length but no content
         super().send_headers(stream_id, headers, end_stream)
 
+    def send_head(self, stream_id: int, headers, data: bytes, end_stream: bool) -> None:
+        """A message's head and the first piece of its body (``data``, not empty)."""
+        self.send_headers(stream_id, headers)
+        self.send_data(stream_id, data, end_stream)
+
     def _handle_request_or_push_frame(self, frame_type, frame_data, stream, stream_ended, **kwargs):
         if stream.stream_id in self.malformed:
             return []

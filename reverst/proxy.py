@@ -258,9 +258,7 @@ class LocalProxy:
             body = b"".join(response.stream())  # (the connection is back in the pool)
             if not any(k == b"content-length" for k, _ in fields):
                 fields.append((b"content-length", b"%d" % len(body)))
-            stream.send_headers(fields, not body)
-            if body:
-                stream.write(body, True)
+            stream.send_headers(fields, True, body)  # (at most a read's worth: no wait for room)
             return response.status, len(body)
         try:
             stream.send_headers(fields)
@@ -390,8 +388,7 @@ def _answer(stream, status: int, text: str) -> None:
     """reverst's own plain-text answer on an HTTP/3 stream."""
     body = text.encode()
     stream.send_headers([(b":status", b"%d" % status), (b"content-type", b"text/plain; charset=utf-8"),
-                         (b"content-length", b"%d" % len(body))])
-    stream.write(body, True)
+                         (b"content-length", b"%d" % len(body))], True, body)
 
 
 def _error(start_response, status: str, text: str):

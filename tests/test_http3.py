@@ -406,6 +406,30 @@ def test_a_streams_events_do_not_depend_on_how_its_bytes_are_cut(pair, side, nam
         assert outcomes[0][-1][2] is True  # the end of the stream is told
 
 
+@pytest.mark.parametrize("end", [True, False])
+def test_a_head_and_body_sent_together_arrive_as_sent_apart(pair, end):
+    """send_head (one write on qh3) and send_headers + send_data: the same events."""
+    seen = []
+    for together in (True, False):
+        sid = pair.server.get_next_available_stream_id()
+        pair.server_h3.send_headers(sid, request_headers(), end_stream=True)
+        pair.link.advance()
+        pair.cli.take(sid)
+        head = [(b":status", b"200"), (b"content-length", b"11")]
+        if together:
+            pair.client_h3.send_head(sid, head, b"hello world", end)
+        else:
+            pair.client_h3.send_headers(sid, head)
+            pair.client_h3.send_data(sid, b"hello world", end)
+        if not end:
+            pair.client_h3.send_data(sid, b"", True)
+        pair.link.advance()
+        seen.append(message(pair.srv.take(sid)))
+        assert sid not in pair.client_h3._stream  # both sides ended: forgotten
+    assert seen[0] == seen[1] == (head, b"hello world", True)
+    assert pair.open()
+
+
 # -- unmodified aioquic -----------------------------------------------------------
 
 

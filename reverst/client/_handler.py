@@ -199,9 +199,7 @@ def _respond(stream: H3Stream, fields, data: bytes, end: bool, done=None) -> Non
     """Headers, a first piece of the body and possibly the end, as one hub operation: a
     worker's separate posts can each wake the hub and leave in a packet of their own."""
     try:
-        stream.send_headers(fields, end and not data)
-        if data:
-            stream.queue(data, end)
+        stream.send_headers(fields, end, data)
     finally:
         if done is not None:
             done.set()

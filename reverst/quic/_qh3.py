@@ -538,6 +538,22 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
         self._maybe_cleanup_stream(stream)
         return emitted
 
+    def send_head(self, stream_id: int, headers, data: bytes, end_stream: bool) -> None:
+        # A final response's head and its first piece of body leave as one write (qh3's
+        # send_headers and send_data would make two, each with its own bookkeeping); any
+        # other head takes the library's way.
+        stream = self._stream.get(stream_id)
+        if (self._http_client or stream is None or stream.headers_send_state is not HeadersState.INITIAL
+                or self._quic_logger is not None or not headers or headers[0][1][:1] == b"1"):
+            return super().send_head(stream_id, headers, data, end_stream)
+        frames = encode_frame(FrameType.HEADERS, self._encode_headers(stream_id, headers)) + encode_frame(
+            FrameType.DATA, data)
+        stream.headers_send_state = HeadersState.AFTER_HEADERS
+        if end_stream:
+            stream.finish_sending()
+        self._quic.send_stream_data(stream_id, frames, end_stream)
+        self._maybe_cleanup_stream(stream)
+
     def handle_event(self, event):
         # Checked on what the layer emits: large DATA frames reach the application in
         # pieces that never pass through _handle_request_or_push_frame.
