@@ -778,7 +778,7 @@ def parse_args():
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per case and stack, stacks in rotated order; the table shows medians")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--only", default=None, help="run only the case of this name, else the cases whose name contains this")
     parser.add_argument("--idle", type=int, default=1000, help="idle tunnel connections (0: skip)")
     parser.add_argument("--backends", default=None,
                         help=f"our QUIC backends, comma-separated ({','.join(OUR_BACKENDS)} or none; "
@@ -813,7 +813,8 @@ def main():
             "go_peer": {"path": str(args.go_peers), "present": go_problem is None, "problem": go_problem},
             "skipped": {"go": f"Go peer: {go_problem}"} if go_problem else {}}
     info["nproc"] = info["machine"]["nproc"]
-    cases = [c for c in CASES if not args.only or args.only in c[0]]
+    # an exact case name selects that case alone ("small GET c=1" is also in "c=16")
+    cases = [c for c in CASES if c[0] == args.only] or [c for c in CASES if not args.only or args.only in c[0]]
     interrupt_on_sigterm()
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-bench-"))
