@@ -256,13 +256,13 @@ def _load_config(ctx, param, value):
     """``--config FILE``: YAML whose keys are long flag names; they become defaults that
     environment variables and flags override.  A missing default ``config.yml`` is fine."""
     import os
-    import yaml
     explicit = value is not None  # given by flag or REVERST_CONFIG: it must exist
     value = value or "config.yml"
     if not os.path.exists(value):
         if explicit:
             raise click.BadParameter(f"{value}: no such file", ctx=ctx, param=param)
         return value
+    import yaml  # (only with a file: ~1 MB a client without one need not carry)
     try:
         with open(value, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}

@@ -21,8 +21,6 @@ from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping, Union
 from urllib.parse import urlsplit
 
-import yaml
-
 from .durations import parse_duration
 from .errors import ConfigError
 from .policy import Limits, VisitorPolicy
@@ -225,8 +223,11 @@ def parse_groups(text: str, source: str, *, base_dir: str | None = None,
     Token files and secrets are read with ``read_secret`` (default: local files only)."""
     if base_dir is None:
         base_dir = os.path.dirname(local_path(source) or "")
+    import yaml  # (here, not at import: a tunnel client imports this module and reads no YAML)
+
+    from ._yaml import StrictLoader
     try:
-        doc = yaml.load(text, Loader=_Loader)
+        doc = yaml.load(text, Loader=StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -250,62 +251,6 @@ def local_path(source: str) -> str | None:
     if source.startswith("file://"):
         return source[len("file://"):]
     return None if _URL_SCHEME.match(source) else source
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of keeping the last one, documents
-    nested deeper than any groups file (PyYAML's composer recurses), lone surrogates
-    (``"\\ud800"``) and values its own constructors fail on with other errors than
-    YAMLError (``!!int x``, ``2001-02-30``): each a YAML error with its line and column."""
-
-    MAX_DEPTH = 64
-
-    def __init__(self, stream) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent, index):
-        self._depth += 1
-        try:
-            if self._depth > self.MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nested deeper than {self.MAX_DEPTH} levels",
-                                                  self.peek_event().start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            value = super().construct_object(node, deep)
-        except yaml.YAMLError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
-            tag = node.tag.rpartition(":")[2]
-            shown = f" {_q(node.value[:40])}" if isinstance(node.value, str) else ""
-            raise yaml.constructor.ConstructorError(None, None, f"invalid {tag}{shown}", node.start_mark) from exc
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise yaml.constructor.ConstructorError(None, None, "a string with a lone surrogate (not text)",
-                                                        node.start_mark) from None
-        return value
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # unhashable: the base class reports it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_q(key)}", key_node.start_mark)
-        return super().construct_mapping(node, deep)
 
 
 class _Parser:

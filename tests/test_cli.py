@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -175,6 +176,24 @@ def test_missing_default_config_yml_is_fine(run, tmp_path):
     result, call = run(["expose", "-n", "x.example", "8080"])
     assert result.exit_code == 0, result.output
     assert call is not None
+
+
+def test_a_client_without_a_config_file_does_not_load_yaml(tmp_path):
+    """PyYAML (~1 MB of a client's memory) is imported only to read a config file (or a
+    groups file, which a client never reads)."""
+    code = ("import sys\n"
+            "from reverst import cli, client\n"
+            "cli._run_client = lambda *args, **kwargs: print('ran')\n"
+            "try:\n"
+            "    cli.main(['expose', '-n', 'x.example', '8080'])\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print('yaml' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVERST_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ran", "False"]
 
 
 def test_missing_named_config_is_an_error(run, runs):
