@@ -24,10 +24,12 @@ Needs ``wrk`` (``apt-get install wrk``; ``nginx-light`` optional; ``py-spy`` for
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import dataclasses
 import http.client
 import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -801,8 +803,19 @@ def parse_args():
     return args
 
 
+def compile_package() -> None:
+    """Write the bytecode of the reverst package our processes import, as ``pip install``
+    does. Where PYTHONDONTWRITEBYTECODE is set (as on this project's machines), an editable
+    checkout would be compiled from source in every process: ~0.8 MB more heap per process
+    than an installed package, and slower starts. Only ``__pycache__`` is written."""
+    spec = importlib.util.find_spec("reverst")
+    for folder in spec.submodule_search_locations or []:
+        compileall.compile_dir(folder, quiet=1)
+
+
 def main():
     args = parse_args()
+    compile_package()
     backends = our_backends(args.backends)
     go_problem = go_peer_problem(args.go_peers)
     if go_problem:
