@@ -136,8 +136,6 @@ def reverstd(log, log_format, access_log, tunnel_address, http_address, server_n
     _setup_logging(log, log_format)
     _malloc.fix_mmap_threshold()
     https_certificate = _https_certificate(https_address, https_certificate_path, https_private_key_path)
-    import prometheus_client
-    prometheus_client.disable_created_metrics()  # no *_created series: the Go server has none
     from .server import TunnelServer
     from .sources import GroupsWatcher, SourceUnavailable
     watcher = None

@@ -23,7 +23,10 @@ Label values that the public chooses (hosts and group names nobody configured) a
 for the first :data:`UNKNOWN_LABEL_LIMIT` distinct values, then counted as ``other``, so
 a scanner cannot grow the registry without bound.
 
-This module does not import gevent (:class:`OpenConnections` does, when called).
+This module does not import gevent (:class:`OpenConnections` does, when called), nor
+prometheus_client until :attr:`ServerMetrics.registry` is first read (by the management
+app): a ``reverstd`` without ``--management-address`` counts in plain integers and never
+loads it (~2.5 MB).
 """
 from __future__ import annotations
 
@@ -34,10 +37,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
 
 from .logs import ACCESS_LOGGER
 
@@ -143,48 +142,66 @@ class _Requests:
         self.buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
 
 
+class _Counter:
+    """A counter family with labels, as plain integers: exposed by :class:`_StateCollector`
+    (prometheus_client is loaded only when something scrapes)."""
+
+    __slots__ = ("name", "documentation", "labelnames", "values")
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.values: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *labels: str, amount: int = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + amount
+
+    def family(self):
+        from prometheus_client.core import CounterMetricFamily
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.values.items()):
+            family.add_metric(list(labels), value)
+        return family
+
+
 class ServerMetrics:
     """The metrics of one :class:`~reverst.server.TunnelServer` (``server``), which calls
     the hooks below; :attr:`registry` is what ``/metrics`` exposes."""
 
-    def __init__(self, server, *, registry: CollectorRegistry | None = None, process: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, server, *, process: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.server = server
         self.clock = clock
-        self.registry = registry = registry if registry is not None else CollectorRegistry()
-        self.registrations = Counter(
+        self._process = process
+        self._registry = None
+        self.registrations = _Counter(
             "reverst_tunnel_group_registrations_total",
             "Total number of registration attempts handled by tunnel group and status code",
-            ["tunnel_group", "error"], registry=registry)
-        self.registration_failures = Counter(
+            ("tunnel_group", "error"))
+        self.registration_failures = _Counter(
             "reverst_registration_failures_total",
             "Failed tunnel registrations by reason (unauthorized, not found, bad request, timeout, "
-            "closed, internal error, group full)", ["reason"], registry=registry)
-        self.websockets = Counter(
+            "closed, internal error, group full)", ("reason",))
+        self.websockets = _Counter(
             "reverst_tunnel_group_websockets_total",
-            "WebSockets opened through the group's tunnels", ["tunnel_group"], registry=registry)
-        self.websocket_bytes = Counter(
+            "WebSockets opened through the group's tunnels", ("tunnel_group",))
+        self.websocket_bytes = _Counter(
             "reverst_tunnel_group_websocket_bytes_total",
             "WebSocket bytes carried through the group's tunnels, by direction (in: from public "
-            "clients, out: to them)", ["tunnel_group", "direction"], registry=registry)
-        self.visitor_refusals = Counter(
+            "clients, out: to them)", ("tunnel_group", "direction"))
+        self.visitor_refusals = _Counter(
             "reverst_tunnel_group_visitor_refusals_total",
             "Public requests refused by the group's visitor policy, by reason (denied, unauthorized, "
-            "rate_limited, group_rate_limited, concurrency, body_too_large)", ["tunnel_group", "reason"],
-            registry=registry)
+            "rate_limited, group_rate_limited, concurrency, body_too_large)", ("tunnel_group", "reason"))
         #: lost packets of the tunnels that closed, by group (live ones are read at scrape time)
         self.lost_packets_closed: dict[str, int] = {}
-        self.reloads = Counter(
+        self.reloads = _Counter(
             "reverst_tunnel_groups_reloads_total",
-            "Tunnel groups configurations read while running, by result (success, failure)",
-            ["result"], registry=registry)
+            "Tunnel groups configurations read while running, by result (success, failure)", ("result",))
         for result in ("success", "failure"):
-            self.reloads.labels(result)
+            self.reloads.inc(result, amount=0)
         for reason in FAILURE_REASONS:  # present from the start, so rate() and alerts see 0
-            self.registration_failures.labels(reason)
-        registry.register(_StateCollector(self))
-        if process:
-            ProcessCollector(registry=registry)
+            self.registration_failures.inc(reason, amount=0)
+        self.counters = (self.registrations, self.registration_failures, self.websockets, self.websocket_bytes,
+                         self.visitor_refusals, self.reloads)
         self.tunnels: dict[object, TunnelStats] = {}
         self.groups: dict[str, GroupStats] = {}
         self.public_connections = OpenConnections()
@@ -196,6 +213,19 @@ class ServerMetrics:
         #: (host, status class) -> its requests (exposed by _StateCollector)
         self.requests: dict[tuple[str, str], _Requests] = {}
 
+    @property
+    def registry(self):
+        """What ``/metrics`` exposes: a ``CollectorRegistry`` of its own (never the
+        process-global one), made on first use, with the process collector."""
+        if self._registry is None:
+            import prometheus_client  # (its families here have no *_created series: the Go server has none)
+            registry = prometheus_client.CollectorRegistry()
+            registry.register(_StateCollector(self))
+            if self._process:
+                prometheus_client.ProcessCollector(registry=registry)
+            self._registry = registry
+        return self._registry
+
     # -- hooks called by the server ------------------------------------------------------------
     def registration(self, group: str | None, error: str | None, *, known_group: bool) -> None:
         """One registration attempt. ``group`` is None when the request was never decoded
@@ -203,12 +233,12 @@ class ServerMetrics:
         if error is not None and error not in FAILURE_REASONS:
             error = "error"
         if group is not None:
-            self.registrations.labels(self._groups(group, known_group), error or "").inc()
+            self.registrations.inc(self._groups(group, known_group), error or "")
         if error is not None:
-            self.registration_failures.labels(error).inc()
+            self.registration_failures.inc(error)
 
     def visitor_refused(self, group: str, reason: str) -> None:
-        self.visitor_refusals.labels(self._groups(group, True), reason).inc()
+        self.visitor_refusals.inc(self._groups(group, True), reason)
 
     def tunnel_registered(self, conn, group: str, peer: str) -> None:
         self.tunnels[conn] = TunnelStats(group, peer, getattr(conn, "connected_at", time.time()), conn.quic)
@@ -220,7 +250,7 @@ class ServerMetrics:
             closed[stats.group] = closed.get(stats.group, 0) + stats.lost_packets
 
     def reloaded(self, ok: bool = True) -> None:
-        self.reloads.labels("success" if ok else "failure").inc()
+        self.reloads.inc("success" if ok else "failure")
 
     def group_stats(self, name: str) -> GroupStats:
         stats = self.groups.get(name)
@@ -258,9 +288,9 @@ class ServerMetrics:
         ws = environ.get("reverst.websocket")
         if ws is not None and group is not None:  # an open WebSocket that ended: its bytes
             sent, received = ws["sent"], ws["received"]
-            self.websockets.labels(group).inc()
-            self.websocket_bytes.labels(group, "in").inc(received)
-            self.websocket_bytes.labels(group, "out").inc(sent)
+            self.websockets.inc(group)
+            self.websocket_bytes.inc(group, "in", amount=received)
+            self.websocket_bytes.inc(group, "out", amount=sent)
         conn = environ.get("reverst.tunnel")
         tunnel = self.tunnels.get(conn) if conn is not None else None
         if tunnel is not None:
@@ -411,10 +441,14 @@ class _StateCollector:
         return []  # computed at collect time; nothing to check at registration
 
     def collect(self):
+        for counter in self.metrics.counters:
+            yield counter.family()
         yield from self._request_families()
         yield from self._state_families()
 
     def _request_families(self):
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
         metrics = self.metrics
         counts = CounterMetricFamily("reverst_tunnel_group_proxy_requests_total",
                                      "Total number of requests handled by host and response code",
@@ -444,6 +478,7 @@ class _StateCollector:
         yield sent
 
     def _state_families(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         server = self.metrics.server
         active = GaugeMetricFamily("reverst_tunnel_group_active_conn",
                                    "Number of active connections in the tunnel group", labels=["tunnel_group"])

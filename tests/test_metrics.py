@@ -232,3 +232,25 @@ def test_observability_modules_import_without_gevent():
     code = ("import sys, reverst.metrics, reverst.management, reverst.logs; "
             "assert 'gevent' not in sys.modules, 'gevent imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_without_a_scrape_reverstd_does_not_load_prometheus_client(tmp_path):
+    """Counting needs no prometheus_client (~2.5 MB): only the registry, which the
+    management app reads, loads it."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from reverst import cli, server\n"
+            "from reverst.metrics import ServerMetrics\n"
+            "m = ServerMetrics(None, process=False)\n"
+            "m.registration('g', None, known_group=True)\n"
+            "m.registration('g', 'unauthorized', known_group=True)\n"
+            "m.visitor_refused('g', 'denied')\n"
+            "m.reloaded(False)\n"
+            "print('prometheus_client' in sys.modules)\n"
+            "m.registry\n"
+            "print('prometheus_client' in sys.modules)\n"
+            "print(m.registrations.values[('g', 'unauthorized')], m.reloads.values[('failure',)])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "1", "1"]
