@@ -315,7 +315,7 @@ BACKEND_APP = '''
 import sys
 from gevent import pywsgi, socket
 SMALL = b"hello, world\\n"
-BIG = b"x" * (10 * 1024 * 1024)
+PIECE = b"x" * 262144  # the 10 MB body is 40 of it: the WSGI client's RSS is the tunnel's, not a kept body
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/upload":
@@ -324,9 +324,10 @@ def app(environ, start_response):
             pass
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
-    body = BIG if path == "/10mb" else SMALL
-    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))])
-    return [body]
+    body = [PIECE] * 40 if path == "/10mb" else [SMALL]
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(sum(map(len, body))))])
+    return body
 class Handler(pywsgi.WSGIHandler):
     def handle(self):
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
