@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import http.client
 import importlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -809,9 +808,7 @@ def compile_package() -> None:
     does. Where PYTHONDONTWRITEBYTECODE is set (as on this project's machines), an editable
     checkout would be compiled from source in every process: ~0.8 MB more heap per process
     than an installed package, and slower starts. Only ``__pycache__`` is written."""
-    spec = importlib.util.find_spec("reverst")
-    for folder in spec.submodule_search_locations or []:
-        compileall.compile_dir(folder, quiet=1)
+    compileall.compile_dir(ROOT / "reverst", quiet=1)  # (our processes run in ROOT: its package comes first)
 
 
 def main():
