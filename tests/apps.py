@@ -151,3 +151,16 @@ def boom_midway():
         yield b"partial "
         raise RuntimeError("boom after the status was sent")
     return Response(gen(), mimetype="text/plain")
+
+
+def pieces(count: int) -> list[bytes]:
+    """``count`` distinct 64 KiB pieces (a lost or reordered one changes the body)."""
+    return [bytes([i % 251]) * 65536 for i in range(count)]
+
+
+def pieces_app(environ, start_response):
+    """A plain WSGI app answering ``/N`` with a body that is a list of N pieces and no
+    Content-Length (the tunnel client adds it)."""
+    body = pieces(int(environ["PATH_INFO"].strip("/") or 0))
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return body

@@ -310,6 +310,19 @@ def test_app_exception_midway_cuts_the_public_response_and_tunnel_survives(serve
     assert get(server, "/hello").text == "Hello, World!"
 
 
+@pytest.mark.parametrize("threads", ["4", "0"])
+def test_a_body_returned_as_a_list_of_pieces_arrives_whole_with_its_length(server, start_client, threads):
+    """Up to 256 KB the pieces leave joined, with the head; a bigger list goes piece by
+    piece (no copy of the whole body), still with the Content-Length the client adds."""
+    from .apps import pieces
+    start_client(app="tests.apps:pieces_app", extra=("--threads", threads))
+    for count in (1, 3, 4, 40):
+        r = get(server, f"/{count}")
+        assert r.status_code == 200
+        assert r.headers["Content-Length"] == str(count * 65536)
+        assert r.content == b"".join(pieces(count))
+
+
 def test_a_blocking_handler_does_not_stall_other_requests(tunnel):
     """/sleep blocks its thread with plain time.sleep (no gevent, no monkey-patching)."""
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

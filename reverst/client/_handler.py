@@ -514,12 +514,15 @@ class WSGIHandler:
                 sock.close()
                 return False
             if isinstance(result, (list, tuple)) and state["status"] is not None and not state["sent"]:
+                size = sum(len(c) for c in result)
                 if not any(k.lower() == "content-length" for k, _ in state["headers"]):
-                    state["headers"].append(("Content-Length", str(sum(len(c) for c in result))))
-                # The whole response is known: headers, body and end in one operation.
-                chunks = ()
-                told = send_headers(True, b"".join(result), done)
-                completed = True
+                    state["headers"].append(("Content-Length", str(size)))
+                if len(result) == 1 or size <= POST_LIMIT:
+                    # The whole response is known: headers, body and end in one operation
+                    # (a join of one item is that item; of many big ones, a copy of them all).
+                    chunks = ()
+                    told = send_headers(True, b"".join(result), done)
+                    completed = True
             try:
                 for chunk in chunks:
                     if chunk:
