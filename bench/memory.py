@@ -58,7 +58,7 @@ def ladder_steps(backend: str) -> list:
                                               "reverst.http3"]),
         ("reverst: expose + client", ["reverst.proxy", "reverst.client"]),
         ("PyYAML (reverstd)", ["yaml"]),
-        ("prometheus_client (reverstd)", ["prometheus_client"]),
+        ("prometheus_client (reverstd --management-address)", ["prometheus_client"]),
         ("reverst: server", ["reverst.server", "reverst.sources"]),
     ]
 
