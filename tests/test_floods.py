@@ -163,17 +163,25 @@ def test_admission_caps_retry_and_handshake_timeout():
 
 
 def test_expired_tokens_get_a_bounded_number_of_closes_and_forged_ones_none():
-    from reverst.quic._admission import MAX_CLOSES_PER_SECOND
+    """CLOSE_BURST closes at once (a client's connections whose tokens expired together),
+    then MAX_CLOSES_PER_SECOND a second; a token for another address gets none."""
+    from reverst.quic._admission import CLOSE_BURST, MAX_CLOSES_PER_SECOND
     addr, odcid, rscid = ("127.0.0.1", 4433), os.urandom(8), os.urandom(8)
     initial = parse_header_untrusted(b"\xc0\x00\x00\x00\x01\x08" + rscid + b"\x08" + b"s" * 8 + b"\x00" * 1200)
     a = Admission("auto", tokens=RetryTokens(lifetime=1.0))
     token = a.tokens.issue(addr, odcid, rscid, now=100.0)
-    late = [a.admit_untrusted(initial, token, addr, 102.0, b"r" * 8) for _ in range(MAX_CLOSES_PER_SECOND + 5)]
-    assert late[0] == ("close", odcid, rscid, "invalid_token")
-    assert [v.action for v in late].count("close") == MAX_CLOSES_PER_SECOND  # the rest dropped
-    assert a.admit_untrusted(initial, token, addr, 103.0, b"r" * 8).action == "close"  # (a new second)
-    other = a.admit_untrusted(initial, token, ("127.0.0.2", 4433), 103.0, b"r" * 8)  # not its address
-    assert other.action == "drop" and a.refused["invalid_token"] == MAX_CLOSES_PER_SECOND + 7
+
+    def actions(n, now):
+        return [a.admit_untrusted(initial, token, addr, now, b"r" * 8).action for _ in range(n)]
+    assert a.admit_untrusted(initial, token, addr, 102.0, b"r" * 8) == ("close", odcid, rscid, "invalid_token")
+    late = actions(CLOSE_BURST + 4, 102.0)
+    assert late.count("close") == CLOSE_BURST - 1 and late[-5:] == ["drop"] * 5  # the rest dropped
+    assert actions(MAX_CLOSES_PER_SECOND + 3, 103.0).count("close") == MAX_CLOSES_PER_SECOND  # a second on
+    assert actions(1, 103.0) == ["drop"]
+    assert actions(20, 103.25).count("close") == MAX_CLOSES_PER_SECOND // 4  # a quarter second on
+    other = a.admit_untrusted(initial, token, ("127.0.0.2", 4433), 103.25, b"r" * 8)  # not its address
+    assert other.action == "drop"
+    assert a.refused["invalid_token"] == 1 + CLOSE_BURST + 4 + MAX_CLOSES_PER_SECOND + 3 + 1 + 20 + 1
 
 
 def test_per_address_caps_hold_from_half_of_the_totals():
