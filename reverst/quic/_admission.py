@@ -22,9 +22,11 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 from typing import Hashable, NamedTuple
 
+from ..policy import TokenBucket
 from ._common import QUIC_V1, QUIC_V2, Header
 
 #: How long a Retry token is good for (seconds). Clients answer a Retry at once (one round
@@ -244,7 +246,8 @@ class Admission:
         #: what was refused, by reason (REFUSAL_REASONS), and Retry packets sent
         self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.retries = 0
-        self._close_allowance, self._close_at = float(CLOSE_BURST), None  # a token bucket
+        #: INVALID_TOKEN closes (stamped at -inf: full at the first one)
+        self._closes = TokenBucket(MAX_CLOSES_PER_SECOND, CLOSE_BURST, now=-math.inf)
 
     def __repr__(self) -> str:
         return (f"<Admission retry={self.mode.value} handshaking={self.handshaking} "
@@ -297,14 +300,7 @@ class Admission:
     def _may_close(self, now: float) -> bool:
         """An INVALID_TOKEN close allowed now: CLOSE_BURST at once, MAX_CLOSES_PER_SECOND a
         second on average."""
-        if self._close_at is not None and now > self._close_at:
-            self._close_allowance = min(float(CLOSE_BURST),
-                                        self._close_allowance + (now - self._close_at) * MAX_CLOSES_PER_SECOND)
-        self._close_at = now if self._close_at is None else max(now, self._close_at)
-        if self._close_allowance < 1.0:
-            return False
-        self._close_allowance -= 1.0
-        return True
+        return self._closes.take(now) == 0.0
 
     def retry_packet(self, header: Header, addr: tuple, retry_cid: bytes, now: float) -> bytes:
         """The Retry (with a fresh token) for an Initial that :meth:`admit_untrusted` said to retry."""
