@@ -116,7 +116,6 @@ def main() -> None:
     if go_problem:
         print(f"Go rows skipped: {go_problem}", flush=True)
     bench.interrupt_on_sigterm()
-    bench.compile_package()
 
     rows = []
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-memory-"))

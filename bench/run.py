@@ -160,6 +160,7 @@ class Procs(list):
         return proc
 
     def __enter__(self):
+        compile_package()  # (every benchmark starts its processes here)
         return self
 
     def __exit__(self, *exc):
@@ -813,7 +814,6 @@ def compile_package() -> None:
 
 def main():
     args = parse_args()
-    compile_package()
     backends = our_backends(args.backends)
     go_problem = go_peer_problem(args.go_peers)
     if go_problem:
