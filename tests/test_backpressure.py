@@ -6,9 +6,10 @@ import time
 
 import gevent
 import gevent.queue
+import gevent.socket
 import pytest
 
-from reverst._transport import Endpoint
+from reverst._transport import LOOP_TURN_LIMIT, Endpoint
 from reverst.quic import available_backends, load_backend
 
 WINDOW = 1024 * 1024  # the receiver's stream window (small: a quick test)
@@ -72,5 +73,58 @@ def test_a_blocked_writer_holds_about_the_high_water_mark_and_goes_on_when_the_p
     finally:
         if writer is not None:
             writer.kill(block=True, timeout=5)
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("backend_name", available_backends())
+def test_a_transmit_scheduled_late_in_a_long_loop_turn_lets_waiting_sockets_go_first(certs, backend_name):
+    """A bulk sender's transmits wake its writers, whose writes schedule the next transmit:
+    callbacks gevent would run one after another without polling. Past LOOP_TURN_LIMIT into
+    a loop turn, a transmit waits for the next poll, so a socket that became readable is
+    served before it; early in a turn it still runs at once, before the poll."""
+    backend = load_backend(backend_name)
+    server_cfg = backend.server_configuration(certificate_path=str(certs["cert"]), private_key_path=str(certs["key"]),
+                                              idle_timeout=30.0)
+    server = Endpoint.bind("127.0.0.1", 0, backend=backend, server_config=server_cfg)
+    server.start()
+    client = Endpoint.bind("127.0.0.1", 0, backend=backend)
+    client.start()
+    mine, theirs = gevent.socket.socketpair()
+    try:
+        cfg = backend.client_configuration(server_name="localhost", idle_timeout=30.0, max_datagram_size=1452,
+                                           insecure=True)
+        conn = client.connect(server.address, cfg)
+        assert conn.handshake_done.wait(5), "no handshake"
+        gevent.sleep(0.05)  # (the handshake's own transmits are done)
+        order = []
+        transmit = conn.transmit
+        conn.transmit = lambda **kw: (order.append("transmit"), transmit(**kw))
+
+        def read_one():
+            theirs.recv(1)
+            order.append("socket")
+
+        for busy_for, expected in ((0.0, ["transmit", "socket"]),
+                                   (3 * LOOP_TURN_LIMIT, ["socket", "transmit"])):
+            order.clear()
+            reader = gevent.spawn(read_one)
+            gevent.sleep(0.01)  # the reader waits for its socket
+
+            def busy_turn():
+                client.loop_turn_age()  # (the turn is counted from here)
+                mine.send(b"x")  # readable from now on: served at the loop's next poll
+                until = time.perf_counter() + busy_for
+                while time.perf_counter() < until:  # (work that does not yield)
+                    pass
+                conn.schedule_transmit()
+
+            gevent.spawn(busy_turn).join(timeout=5)
+            reader.join(timeout=5)
+            gevent.sleep(0.01)
+            assert order == expected, f"busy for {busy_for * 1e3:.1f} ms: {order}"
+    finally:
+        mine.close()
+        theirs.close()
         client.close()
         server.close()

@@ -270,6 +270,25 @@ def test_qh3_send_buffered_counts_queued_unsent_bytes(small):
     assert reader.received(sid) == 10 * KiB + 8 * CONN_WINDOW
 
 
+@qh3_only
+def test_qh3_one_transmit_builds_at_most_the_limit_and_the_next_one_the_rest(small):
+    sender, receiver = small.client, small.server
+    reader = small.on_event[receiver] = Holder(receiver)
+    sid = sender.get_next_available_stream_id()
+    body = payload(10 * KiB, seed=7)  # 8 datagrams: within the congestion window
+    sender.send_stream_data(sid, body, end_stream=True)
+    first = sender.datagrams_to_send(small.now, 3)
+    assert len(first) == 3
+    assert sender.send_buffered(sid) > 0  # the rest still waits in the stream
+    rest = sender.datagrams_to_send(small.now, None)
+    assert len(rest) >= 4 and sender.send_buffered(sid) == 0
+    for data, _ in first + rest:
+        receiver.receive_datagram(data, small.addr[sender], now=small.now)
+    small.drain(receiver)
+    small.exchange()
+    assert bytes(reader.data[sid]) == body and sid in reader.ended
+
+
 def test_a_tunnel_client_grants_request_streams_beyond_the_librarys_default(tls):
     """reverstd keeps 100 plain requests and its WebSockets open on one tunnel: our tunnel
     clients grant REQUEST_STREAMS concurrent streams (aioquic allows 128, qh3 100)."""

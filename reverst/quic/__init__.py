@@ -13,7 +13,8 @@ library and nothing of the other's:
 (qh3 when it is installed).  A backend module provides:
 
 ``NAME``; ``SEND_HIGH_WATER`` (a writer blocks while more than this is buffered on a
-stream, as its ``send_buffered`` counts); ``events`` (the event classes the shell
+stream, as its ``send_buffered`` counts); ``TRANSMIT_LIMIT`` (most datagrams one
+``datagrams_to_send(now, limit)`` builds, or None); ``events`` (the event classes the shell
 dispatches on: StreamDataReceived, StreamReset, StopSendingReceived, HandshakeCompleted,
 ConnectionIdIssued, ConnectionIdRetired, ConnectionTerminated, HeadersReceived,
 DataReceived);

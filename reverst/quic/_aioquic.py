@@ -47,6 +47,8 @@ SERVES_EMPTY_CLIENT_CIDS = True  # (see reverst.quic._qh3)
 #: A writer blocks while more bytes than this are queued and unacknowledged on a stream
 #: (:meth:`TunnelQuicConnection.send_buffered` counts the bytes in flight too).
 SEND_HIGH_WATER = 1024 * 1024
+#: aioquic builds all it may send in one call: no limit per transmit (see reverst.quic._qh3)
+TRANSMIT_LIMIT = None
 
 import aioquic as _library  # noqa: E402
 
@@ -375,7 +377,7 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         if data or end_stream:  # (H3 queues b"" on the QPACK decoder stream per request)
             self._data_queued = True
 
-    def datagrams_to_send(self, now: float):
+    def datagrams_to_send(self, now: float, limit: int | None = None):  # (limit: TRANSMIT_LIMIT)
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         if self._data_queued:
             # A delayed ACK rides along with data that leaves now (aioquic would hold it
