@@ -30,6 +30,7 @@ import dataclasses
 import http.client
 import importlib
 import json
+import math
 import os
 import pathlib
 import platform
@@ -55,7 +56,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 USER, PASSWORD = "bench", "bench"
 START_TIMEOUT = 20.0  # seconds any process may take to become ready
 
-#: (name, path, connections, POST body?) -- the body is a 10 MB POST through wrk's script
+#: (name, path, connections, POST body?[, background]) -- the body is a 10 MB POST through
+#: wrk's script; a background (path, connections) is driven through the same stack (or
+#: straight to the backend for the direct figure) from a second before until the case ends:
+#: a small request's latency beside downloads through the same tunnel
 CASES = [
     ("small GET c=1", "/small", 1, False),
     ("small GET c=16", "/small", 16, False),
@@ -63,7 +67,9 @@ CASES = [
     ("10MB GET c=1", "/10mb", 1, False),
     ("10MB GET c=4", "/10mb", 4, False),
     ("10MB POST c=1", "/upload", 1, True),
+    ("small GET c=1 + 10MB GET c=4", "/small", 1, False, ("/10mb", 4)),
 ]
+BACKGROUND_LEAD = 1.0  # seconds the background load runs before the case's measured run
 
 
 def free_port(kind=socket.SOCK_STREAM) -> int:
@@ -590,25 +596,58 @@ def rotated(items, n):
 
 def case_url(case, backend: Backend, port=None) -> tuple[str, int | None]:
     """(URL, MB per request or None): through ``port``, or direct to the backend when None."""
-    name, path, _, post = case
+    _, path, _, post = case[:4]
     if port is None:
         port = backend.post_port if post else backend.port
-    return f"http://127.0.0.1:{port}{path}", (TEN_MB / 1e6 if "10MB" in name else None)
+    return f"http://127.0.0.1:{port}{path}", (TEN_MB / 1e6 if path != "/small" else None)
+
+
+@contextlib.contextmanager
+def background_load(case, duration, port=None, host=None):
+    """The case's background load (if any) through ``port`` (else to the backend directly),
+    started BACKGROUND_LEAD seconds before the block and running past it: yields a dict
+    that holds its wrk result (``mb_s``) after the block."""
+    result: dict = {}
+    if len(case) < 5:
+        yield result
+        return
+    path, conns = case[4]
+    url = f"http://127.0.0.1:{port if port is not None else BACKGROUND_PORT[0]}{path}"
+
+    def drive():
+        try:
+            res = wrk(url, conns, math.ceil(duration + BACKGROUND_LEAD + 1), host=host)
+            result.update(mb_s=res["rps"] * TEN_MB / 1e6, errors=res["errors"])
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            result["failed"] = str(exc)
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    time.sleep(BACKGROUND_LEAD)
+    try:
+        yield result
+    finally:
+        thread.join(duration + 90)
+
+
+BACKGROUND_PORT = [0]  # the backend's port (set in main): the direct figure's background
 
 
 def run_direct(case, rep, backend, post_lua, duration) -> dict:
-    name, _, conns, post = case
+    name, _, conns, post = case[:4]
     url, mb = case_url(case, backend)
-    res = wrk(url, conns, duration, script=post_lua if post else None)
+    with background_load(case, duration) as bg:
+        res = wrk(url, conns, duration, script=post_lua if post else None)
+    if bg.get("failed"):
+        raise RuntimeError(f"{name}: the backend's background load failed: {bg['failed']}")
     if res["errors"]:
         raise RuntimeError(f"{name}: the backend itself answered {res['errors']} errors")
     return {"case": name, "stack": "direct", "client": "-", "rep": rep, "value": res["rps"] * (mb or 1),
             "unit": "MB/s" if mb else "req/s", "p50_ms": res.get("p50"), "p99_ms": res.get("p99"),
-            "errors": 0}
+            "errors": 0, **({"background_mb_s": bg.get("mb_s")} if bg else {})}
 
 
 def run_target(case, rep, target: Target, backend, post_lua, args) -> dict:
-    name, _, conns, post = case
+    name, _, conns, post = case[:4]
     url, mb = case_url(case, backend, target.stack.http_port)
     server, client = target.stack.server, target.proc
     row = {"case": name, "stack": target.stack.name, "client": target.client, "rep": rep,
@@ -617,10 +656,15 @@ def run_target(case, rep, target: Target, backend, post_lua, args) -> dict:
     profile_dir = args.profile if python_procs else None
     try:
         with Sampler([server, client]) as s, \
+                background_load(case, args.duration, target.stack.http_port, target.host) as bg, \
                 Profiler(profile_dir, f"{name} {target.client} r{rep + 1}", python_procs, args.duration):
             res = wrk(url, conns, args.duration, host=target.host, script=post_lua if post else None)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {**row, "failed": str(exc)}
+    if bg.get("failed") or bg.get("errors"):
+        return {**row, "failed": f"background load: {bg.get('failed') or str(bg['errors']) + ' errors'}"}
+    if bg:
+        row["background_mb_s"] = bg.get("mb_s")
     return {**row, "value": res["rps"] * (mb or 1), "requests": res["requests"], "p50_ms": res.get("p50"),
             "p99_ms": res.get("p99"), "errors": res["errors"], "socket_errors": res.get("socket_errors"),
             "server_cpu_s": s.cpu[server.name], "client_cpu_s": s.cpu[client.name],
@@ -680,7 +724,7 @@ def median(values):
 
 
 MEDIAN_KEYS = ("value", "p50_ms", "p99_ms", "server_cpu_s", "client_cpu_s", "server_rss_mb", "client_rss_mb",
-               "both_rss_mb", "registration_s", "server_rss_growth_mb")
+               "both_rss_mb", "registration_s", "server_rss_growth_mb", "background_mb_s")
 
 
 def median_rows(runs) -> list[dict]:
@@ -698,17 +742,26 @@ def median_rows(runs) -> list[dict]:
             row["requests"] = sum(r.get("requests") or 0 for r in ok)
         row.update({k: median(r.get(k) for r in ok) for k in MEDIAN_KEYS if any(k in r for r in ok)})
         rows.append(row)
-    go = {r["case"]: r["value"] for r in rows if r["stack"] == "go" and r["value"]}
+    go = {r["case"]: r["value"] for r in rows if r["stack"] == "go" and r.get("value")}
+    go_runs = {(r["case"], r["rep"]): r for r in runs
+               if r["stack"] == "go" and "failed" not in r and r.get("value") and "rep" in r}
     for row in rows:
-        row["ratio"] = row["value"] / go[row["case"]] if row["case"] in go and row["value"] is not None \
+        row["ratio"] = row["value"] / go[row["case"]] if row["case"] in go and row.get("value") is not None \
             and row["stack"] != "direct" else None
+        # the same ratio taken within each repetition (the stacks of one run next to each
+        # other in time), then its median: less swayed by the machine's drift across runs
+        pairs = [(r, go_runs.get((r["case"], r.get("rep")))) for r in groups[(row["case"], row["stack"], row["client"])]
+                 if row["stack"] not in ("go", "direct") and "failed" not in r and r.get("value") is not None]
+        row["paired_ratio"] = median(r["value"] / g["value"] for r, g in pairs if g is not None)
+        row["paired_p50_ratio"] = median(r["p50_ms"] / g["p50_ms"] for r, g in pairs
+                                         if g is not None and r.get("p50_ms") and g.get("p50_ms"))
     return rows
 
 
 FEW_REQUESTS = 10  # a figure from fewer completed requests (over all its runs) is flagged
 
-COLUMNS = ("case", "stack", "client", "value", "ours/Go", "p50 ms", "p99 ms", "srv cpu s", "cli cpu s",
-           "srv MB", "cli MB", "both MB", "errors")
+COLUMNS = ("case", "stack", "client", "value", "ours/Go", "paired", "p50 ms", "p50/Go", "p99 ms", "srv cpu s",
+           "cli cpu s", "srv MB", "cli MB", "both MB", "errors")
 
 
 def cells(row) -> list[str]:
@@ -722,9 +775,11 @@ def cells(row) -> list[str]:
         value = fmt("value") + (" MB/s" if row["unit"] == "MB/s" else " req/s")
         if row.get("requests") is not None and row["requests"] < FEW_REQUESTS:
             value += f" ({row['requests']} req!)"  # too few completed for a figure to mean much
+        if row.get("background_mb_s") is not None:
+            value += f" (beside {row['background_mb_s']:.0f} MB/s)"
     client = "reverst http" if row["stack"] == "go" else row["client"]
-    return [row["case"], row["stack"], client, value, fmt("ratio", ".2f"), fmt("p50_ms", ".2f"),
-            fmt("p99_ms", ".2f"), fmt("server_cpu_s", ".1f"), fmt("client_cpu_s", ".1f"), fmt("server_rss_mb"),
+    return [row["case"], row["stack"], client, value, fmt("ratio", ".2f"), fmt("paired_ratio", ".2f"),
+            fmt("p50_ms", ".2f"), fmt("paired_p50_ratio", ".2f"), fmt("p99_ms", ".2f"), fmt("server_cpu_s", ".1f"), fmt("client_cpu_s", ".1f"), fmt("server_rss_mb"),
             fmt("client_rss_mb"), fmt("both_rss_mb"), fmt("errors", "d")]
 
 
@@ -742,7 +797,8 @@ def print_table(rows, info):
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     print(f"backend: {info['backend']}; {info['nproc']} cpus; {info['duration_s']} s per run, median of "
           f"{info['repeat']} run(s) alternated; direct = backend without a tunnel; ours/Go = value / the go "
-          f"row's; cpu in seconds, RSS in MB (peak during the run; both = peak of server + client)")
+          f"row's; paired, p50/Go = the median over repetitions of the ratio to the Go run of the same "
+          f"repetition (value, p50); cpu in seconds, RSS in MB (peak during the run; both = peak of server + client)")
     print(f"versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}; Go peer: "
           f"{info['go_peer']['path'] if info['go_peer']['present'] else 'absent'}")
     for i, r in enumerate(table):
@@ -835,6 +891,7 @@ def main():
         with Procs() as procs:
             ca, cert, key = make_certs(tmp / "certs")
             backend = start_backend(tmp, procs)
+            BACKGROUND_PORT[0] = backend.port
             info["backend"] = backend.name
             setup = Setup(tmp, ca, cert, key, backend, args.datagram_size, args.app_threads)
             specs = ([] if go_problem else [go_stack_spec(args.go_peers, setup)]) + \
