@@ -1,11 +1,12 @@
 """The UDP endpoint's Linux offloads (GSO on send, GRO on receive), over real sockets."""
 import socket
 import sys
+import time
 
 import gevent
 import pytest
 
-from reverst._transport import Endpoint
+from reverst._transport import RECV_BATCH_DATAGRAMS, Endpoint
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux UDP offloads")
 
@@ -79,3 +80,40 @@ def test_offloads_can_be_turned_off(monkeypatch):
         assert [sock.recvfrom(65536)[0] for _ in sent] == sent
     endpoint.close()
     gevent.sleep(0)
+
+
+def udp_queued(port: int) -> int:
+    """Bytes (kernel accounting) waiting in the receive queue of our UDP socket on ``port``."""
+    with open("/proc/net/udp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no UDP socket on port {port}")
+
+
+def test_a_long_run_of_arriving_datagrams_is_read_in_batches_and_the_loop_runs_between_them():
+    """RECV_BATCH_DATAGRAMS: the read loop goes back to the gevent loop after about that
+    many datagrams (coalesced reads count each one), so the loop serves its other sockets
+    and greenlets before the endpoint's queue is drained. (The datagrams are junk to the
+    endpoint, which drops them: only the reading is under test.)"""
+    sender = Endpoint.bind("127.0.0.1", 0)
+    target = Endpoint.bind("127.0.0.1", 0)
+    try:
+        port = target.address[1]
+        sender.send_datagrams([(d, target.address) for d in datagrams(4 * RECV_BATCH_DATAGRAMS, 1000)])
+        full = udp_queued(port)  # (the kernel holds them all: 4 MB of receive buffer)
+        assert full > 0
+        seen = []
+        target.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            seen.append(udp_queued(port))
+            if seen[-1] == 0:
+                break
+            gevent.sleep(0)  # (runs between two of the loop's polls: between two batches, if any)
+        assert seen[-1] == 0, "the endpoint never read them all"
+        assert any(0 < q < full for q in seen), f"read all at once, nothing ran in between: {seen}"
+    finally:
+        sender.close()
+        target.close()
