@@ -603,16 +603,16 @@ def case_url(case, backend: Backend, port=None) -> tuple[str, int | None]:
 
 
 @contextlib.contextmanager
-def background_load(case, duration, port=None, host=None):
-    """The case's background load (if any) through ``port`` (else to the backend directly),
-    started BACKGROUND_LEAD seconds before the block and running past it: yields a dict
-    that holds its wrk result (``mb_s``) after the block."""
+def background_load(case, duration, port, host=None):
+    """The case's background load (if any) through ``port`` (a stack's, or the backend's
+    for the direct figure), started BACKGROUND_LEAD seconds before the block and running
+    past it: yields a dict that holds its wrk result (``mb_s``) after the block."""
     result: dict = {}
     if len(case) < 5:
         yield result
         return
     path, conns = case[4]
-    url = f"http://127.0.0.1:{port if port is not None else BACKGROUND_PORT[0]}{path}"
+    url = f"http://127.0.0.1:{port}{path}"
 
     def drive():
         try:
@@ -629,13 +629,10 @@ def background_load(case, duration, port=None, host=None):
         thread.join(duration + 90)
 
 
-BACKGROUND_PORT = [0]  # the backend's port (set in main): the direct figure's background
-
-
 def run_direct(case, rep, backend, post_lua, duration) -> dict:
     name, _, conns, post = case[:4]
     url, mb = case_url(case, backend)
-    with background_load(case, duration) as bg:
+    with background_load(case, duration, backend.port) as bg:
         res = wrk(url, conns, duration, script=post_lua if post else None)
     if bg.get("failed"):
         raise RuntimeError(f"{name}: the backend's background load failed: {bg['failed']}")
@@ -750,7 +747,8 @@ def median_rows(runs) -> list[dict]:
             and row["stack"] != "direct" else None
         # the same ratio taken within each repetition (the stacks of one run next to each
         # other in time), then its median: less swayed by the machine's drift across runs
-        pairs = [(r, go_runs.get((r["case"], r.get("rep")))) for r in groups[(row["case"], row["stack"], row["client"])]
+        runs_of_row = groups[(row["case"], row["stack"], row["client"])]
+        pairs = [(r, go_runs.get((r["case"], r.get("rep")))) for r in runs_of_row
                  if row["stack"] not in ("go", "direct") and "failed" not in r and r.get("value") is not None]
         row["paired_ratio"] = median(r["value"] / g["value"] for r, g in pairs if g is not None)
         row["paired_p50_ratio"] = median(r["p50_ms"] / g["p50_ms"] for r, g in pairs
@@ -779,8 +777,9 @@ def cells(row) -> list[str]:
             value += f" (beside {row['background_mb_s']:.0f} MB/s)"
     client = "reverst http" if row["stack"] == "go" else row["client"]
     return [row["case"], row["stack"], client, value, fmt("ratio", ".2f"), fmt("paired_ratio", ".2f"),
-            fmt("p50_ms", ".2f"), fmt("paired_p50_ratio", ".2f"), fmt("p99_ms", ".2f"), fmt("server_cpu_s", ".1f"), fmt("client_cpu_s", ".1f"), fmt("server_rss_mb"),
-            fmt("client_rss_mb"), fmt("both_rss_mb"), fmt("errors", "d")]
+            fmt("p50_ms", ".2f"), fmt("paired_p50_ratio", ".2f"), fmt("p99_ms", ".2f"), fmt("server_cpu_s", ".1f"),
+            fmt("client_cpu_s", ".1f"), fmt("server_rss_mb"), fmt("client_rss_mb"), fmt("both_rss_mb"),
+            fmt("errors", "d")]
 
 
 def print_run(run):
@@ -891,7 +890,6 @@ def main():
         with Procs() as procs:
             ca, cert, key = make_certs(tmp / "certs")
             backend = start_backend(tmp, procs)
-            BACKGROUND_PORT[0] = backend.port
             info["backend"] = backend.name
             setup = Setup(tmp, ca, cert, key, backend, args.datagram_size, args.app_threads)
             specs = ([] if go_problem else [go_stack_spec(args.go_peers, setup)]) + \
