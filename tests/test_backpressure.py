@@ -1,7 +1,9 @@
 """A stream writer's back-pressure over real QUIC on loopback, on each backend: once the
 peer stops granting credit, the writer blocks with between half and just over the
 backend's high water mark buffered (``SEND_HIGH_WATER``, as its ``send_buffered``
-counts), and it goes on once the peer reads."""
+counts), and it goes on once the peer reads. And a bulk sender's transmits leave the
+loop's other sockets their turn (LOOP_TURN_LIMIT)."""
+import contextlib
 import time
 
 import gevent
@@ -30,51 +32,61 @@ def wait_still(value, settle: float = 0.3, timeout: float = 10.0) -> int:
     raise AssertionError(f"still changing after {timeout} s: {last}")
 
 
-@pytest.mark.parametrize("backend_name", available_backends())
-def test_a_blocked_writer_holds_about_the_high_water_mark_and_goes_on_when_the_peer_reads(certs, backend_name):
-    backend = load_backend(backend_name)
-    accepted: gevent.queue.Queue = gevent.queue.Queue()
+@contextlib.contextmanager
+def connected(certs, backend, on_connection=None, **server_options):
+    """A QUIC connection on loopback from a client endpoint to a server endpoint (each
+    started, closed after the block); ``on_connection`` gets the server's side of it."""
     server_cfg = backend.server_configuration(certificate_path=str(certs["cert"]), private_key_path=str(certs["key"]),
-                                              idle_timeout=30.0, window=WINDOW)
-    server = Endpoint.bind("127.0.0.1", 0, backend=backend, server_config=server_cfg, on_connection=accepted.put)
+                                              idle_timeout=30.0, **server_options)
+    server = Endpoint.bind("127.0.0.1", 0, backend=backend, server_config=server_cfg, on_connection=on_connection)
     server.start()
     client = Endpoint.bind("127.0.0.1", 0, backend=backend)
     client.start()
-    writer = None
     try:
         cfg = backend.client_configuration(server_name="localhost", idle_timeout=30.0, max_datagram_size=1452,
                                            insecure=True)
         conn = client.connect(server.address, cfg)
         assert conn.handshake_done.wait(5), "no handshake"
-        high = conn.send_high_water
-        assert high == backend.SEND_HIGH_WATER
-        stream = conn.open_stream()
-        written = [0]
-
-        def write_forever():
-            while True:
-                stream.write(b"x" * PIECE)
-                written[0] += PIECE
-
-        writer = gevent.spawn(write_forever)
-        stalled = wait_still(lambda: written[0])
-        assert not writer.dead, writer.exception
-        assert stalled >= WINDOW  # the peer took its window's worth at least
-        # blocked by the high water mark: the last write returned at or under it with one
-        # more piece queued, and the writer is woken only at half of it
-        assert high // 2 < conn.quic.send_buffered(stream.stream_id) <= high + PIECE
-
-        peer = accepted.get(timeout=5).accept_stream(timeout=5)
-        got = 0
-        while got < stalled:
-            got += len(peer.read(1 << 20, timeout=5))
-        assert wait_still(lambda: written[0]) >= stalled + WINDOW // 2, "the writer did not go on"
-        assert not writer.dead, writer.exception
+        yield conn
     finally:
-        if writer is not None:
-            writer.kill(block=True, timeout=5)
         client.close()
         server.close()
+
+
+@pytest.mark.parametrize("backend_name", available_backends())
+def test_a_blocked_writer_holds_about_the_high_water_mark_and_goes_on_when_the_peer_reads(certs, backend_name):
+    backend = load_backend(backend_name)
+    accepted: gevent.queue.Queue = gevent.queue.Queue()
+    writer = None
+    with connected(certs, backend, on_connection=accepted.put, window=WINDOW) as conn:
+        try:
+            high = conn.send_high_water
+            assert high == backend.SEND_HIGH_WATER
+            stream = conn.open_stream()
+            written = [0]
+
+            def write_forever():
+                while True:
+                    stream.write(b"x" * PIECE)
+                    written[0] += PIECE
+
+            writer = gevent.spawn(write_forever)
+            stalled = wait_still(lambda: written[0])
+            assert not writer.dead, writer.exception
+            assert stalled >= WINDOW  # the peer took its window's worth at least
+            # blocked by the high water mark: the last write returned at or under it with one
+            # more piece queued, and the writer is woken only at half of it
+            assert high // 2 < conn.quic.send_buffered(stream.stream_id) <= high + PIECE
+
+            peer = accepted.get(timeout=5).accept_stream(timeout=5)
+            got = 0
+            while got < stalled:
+                got += len(peer.read(1 << 20, timeout=5))
+            assert wait_still(lambda: written[0]) >= stalled + WINDOW // 2, "the writer did not go on"
+            assert not writer.dead, writer.exception
+        finally:
+            if writer is not None:
+                writer.kill(block=True, timeout=5)
 
 
 @pytest.mark.parametrize("backend_name", available_backends())
@@ -84,18 +96,8 @@ def test_a_transmit_scheduled_late_in_a_long_loop_turn_lets_waiting_sockets_go_f
     a loop turn, a transmit waits for the next poll, so a socket that became readable is
     served before it; early in a turn it still runs at once, before the poll."""
     backend = load_backend(backend_name)
-    server_cfg = backend.server_configuration(certificate_path=str(certs["cert"]), private_key_path=str(certs["key"]),
-                                              idle_timeout=30.0)
-    server = Endpoint.bind("127.0.0.1", 0, backend=backend, server_config=server_cfg)
-    server.start()
-    client = Endpoint.bind("127.0.0.1", 0, backend=backend)
-    client.start()
     mine, theirs = gevent.socket.socketpair()
-    try:
-        cfg = backend.client_configuration(server_name="localhost", idle_timeout=30.0, max_datagram_size=1452,
-                                           insecure=True)
-        conn = client.connect(server.address, cfg)
-        assert conn.handshake_done.wait(5), "no handshake"
+    with mine, theirs, connected(certs, backend) as conn:
         gevent.sleep(0.05)  # (the handshake's own transmits are done)
         order = []
         transmit = conn.transmit
@@ -112,7 +114,7 @@ def test_a_transmit_scheduled_late_in_a_long_loop_turn_lets_waiting_sockets_go_f
             gevent.sleep(0.01)  # the reader waits for its socket
 
             def busy_turn():
-                client.loop_turn_age()  # (the turn is counted from here)
+                conn.endpoint.loop_turn_age()  # (the turn is counted from here)
                 mine.send(b"x")  # readable from now on: served at the loop's next poll
                 until = time.perf_counter() + busy_for
                 while time.perf_counter() < until:  # (work that does not yield)
@@ -123,8 +125,3 @@ def test_a_transmit_scheduled_late_in_a_long_loop_turn_lets_waiting_sockets_go_f
             reader.join(timeout=5)
             gevent.sleep(0.01)
             assert order == expected, f"busy for {busy_for * 1e3:.1f} ms: {order}"
-    finally:
-        mine.close()
-        theirs.close()
-        client.close()
-        server.close()
