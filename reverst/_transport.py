@@ -126,7 +126,7 @@ class Endpoint:
         self._gro = _offload_enabled() and _enable_gro(sock)
         self._reader: gevent.Greenlet | None = None
         loop = gevent.get_hub().loop
-        self._loop = loop if hasattr(loop, "iteration") else None  # (libev's count; not libuv's)
+        self._counted_loop = loop if hasattr(loop, "iteration") else None  # (libev counts; libuv does not)
         self._turn = -1
         self._turn_since = 0.0
 
@@ -155,7 +155,7 @@ class Endpoint:
         """How long (seconds) the gevent loop has been in its current iteration, from the
         first time this endpoint asked in it (0.0 then, and always where the loop does not
         count its iterations)."""
-        loop = self._loop
+        loop = self._counted_loop
         if loop is None:
             return 0.0
         turn = loop.iteration
