@@ -27,12 +27,12 @@ after the status went out, the connection is cut so the client sees a broken res
 """
 from __future__ import annotations
 
-import email.utils
 import http
 import logging
 import socket
 import time
 from collections import deque
+from wsgiref.handlers import format_date_time  # (email.utils.formatdate: +0.8 MB of email modules)
 
 import httptools
 
@@ -85,7 +85,7 @@ def _date() -> bytes:
     now = int(time.time())
     if _date_cache[0] != now:
         _date_cache[0] = now
-        _date_cache[1] = email.utils.formatdate(now, usegmt=True).encode()
+        _date_cache[1] = format_date_time(now).encode()
     return _date_cache[1]
 
 

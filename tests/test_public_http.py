@@ -3,6 +3,7 @@ HTTP/1.0, 100-continue, early responses to unread bodies, framing of responses."
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import http.client
 import json
 import socket
@@ -49,7 +50,8 @@ def test_pipelined_requests_are_answered_in_order(tunnel):
         r3, b3 = response(f)
         r4, b4 = response(f)
         assert (r1.status, b1) == (200, b"Hello, World!")
-        assert r1.getheader("Date")
+        date = email.utils.parsedate_to_datetime(r1.getheader("Date"))  # IMF-fixdate, in GMT
+        assert r1.getheader("Date").endswith(" GMT") and abs(date.timestamp() - time.time()) < 60
         assert (r2.status, json.loads(b2)["body_len"], json.loads(b2)["method"]) == (200, 3, "POST")
         assert (r3.status, b3) == (404, b"status 404")
         assert r4.status == 200 and r4.getheader("Connection") == "close"
