@@ -511,7 +511,7 @@ class Connection:
         self.h3 = None  # the backend's HTTP/3 layer, once attach_h3() ran
         self._ev = self.backend.events
         self._stream_errors = self.backend.STREAM_ERRORS
-        #: a writer blocks above the high water mark (the backend's; see its send_buffered)
+        #: a writer blocks above the high water mark (the backend's; see its send_backlog)
         #: and is woken at half of it
         self.send_high_water = self.backend.SEND_HIGH_WATER
         self._transmit_limit = self.backend.TRANSMIT_LIMIT
@@ -588,7 +588,7 @@ class Connection:
         if self._blocked_writers:
             for stream in list(self._blocked_writers):
                 if (stream._error is not None
-                        or self.quic.send_buffered(stream.stream_id) <= self.send_high_water // 2):
+                        or self.quic.send_backlog(stream.stream_id) <= self.send_high_water // 2):
                     self._blocked_writers.discard(stream)
                     stream._writable.set()
 
@@ -1077,7 +1077,7 @@ class Stream:
     def wait_writable(self) -> None:
         """Block while more than the connection's ``send_high_water`` bytes are buffered."""
         conn = self.conn
-        while conn.quic.send_buffered(self.stream_id) > conn.send_high_water:
+        while conn.quic.send_backlog(self.stream_id) > conn.send_high_water:
             self._check_writable()
             conn._blocked_writers.add(self)
             self._writable.clear()

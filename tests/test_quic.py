@@ -289,6 +289,67 @@ def test_qh3_one_transmit_builds_at_most_the_limit_and_the_next_one_the_rest(sma
     assert bytes(reader.data[sid]) == body and sid in reader.ended
 
 
+class Path:
+    """Datagrams between the two ends of a ``Link`` arrive ``one_way`` seconds after they
+    left (``Link`` delivers at once: no RTT to measure); the fake clock moves in steps."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.in_transit: list[tuple[float, QuicConnection, bytes, tuple]] = []
+
+    def run(self, one_way: float, seconds: float, step: float = 0.0005) -> None:
+        link = self.link
+        until = link.now + seconds
+        while link.now < until:
+            for conn in (link.client, link.server):
+                for data, _ in conn.datagrams_to_send(now=link.now):
+                    self.in_transit.append((link.now + one_way, link.peer[conn], data, link.addr[conn]))
+            link.now += step
+            due = [d for d in self.in_transit if d[0] <= link.now]
+            self.in_transit = [d for d in self.in_transit if d[0] > link.now]
+            for _, conn, data, addr in due:
+                conn.receive_datagram(data, addr, now=link.now)
+            for conn in (link.client, link.server):
+                at = conn.get_timer()
+                if at is not None and at <= link.now:
+                    conn.handle_timer(now=link.now)
+                link.drain(conn)
+
+
+@qh3_only
+@pytest.mark.parametrize("path", ["long path, no queue", "a queue builds", "the path got longer"])
+def test_qh3_writers_wait_for_data_in_flight_only_while_the_path_queues(tls, path):
+    """Beyond IN_FLIGHT_FLOOR in flight, send_backlog counts the excess (writers wait) only
+    while the smoothed RTT is over twice the least one: on a long path without a queue, the
+    pipe must stay full. The least RTT stands MIN_RTT_SPAN: a longer route is learned."""
+    from reverst.quic._qh3 import IN_FLIGHT_FLOOR, MIN_RTT_SPAN
+    link = make_link(tls, max_stream_data=32 * MiB, max_data=32 * MiB, handshake=False)
+    sender, receiver = link.client, link.server
+    link.on_event[receiver] = Holder(receiver)
+    way = Path(link)
+    sender.connect(SERVER_ADDR, now=link.now)
+    if path == "long path, no queue":
+        way.run(one_way=0.025, seconds=0.2)  # 50 ms RTT, from the handshake on
+    else:
+        way.run(one_way=0.0005, seconds=0.05)  # 1 ms RTT: the least seen
+    if path == "the path got longer":
+        way.run(one_way=0.005, seconds=MIN_RTT_SPAN, step=0.01)  # (quiet)
+    assert sender.handshake_complete
+    sid = sender.get_next_available_stream_id()
+    sender.send_stream_data(sid, payload(32 * MiB, seed=8))
+    if path == "long path, no queue":
+        way.run(one_way=0.025, seconds=0.6)
+    else:
+        way.run(one_way=0.005, seconds=0.1)  # then 10 ms: a queue on the way
+    in_flight = sender._core.bytes_in_flight
+    assert in_flight > 2 * IN_FLIGHT_FLOOR  # (slow start got there)
+    excess = sender.send_backlog(sid) - sender.send_buffered(sid)
+    if path == "a queue builds":
+        assert excess == in_flight - IN_FLIGHT_FLOOR
+    else:
+        assert excess == 0
+
+
 def test_a_tunnel_client_grants_request_streams_beyond_the_librarys_default(tls):
     """reverstd keeps 100 plain requests and its WebSockets open on one tunnel: our tunnel
     clients grant REQUEST_STREAMS concurrent streams (aioquic allows 128, qh3 100)."""

@@ -13,7 +13,8 @@ library and nothing of the other's:
 (qh3 when it is installed).  A backend module provides:
 
 ``NAME``; ``SEND_HIGH_WATER`` (a writer blocks while more than this is buffered on a
-stream, as its ``send_buffered`` counts); ``TRANSMIT_LIMIT`` (most datagrams one
+stream, as its ``send_backlog`` counts: ``send_buffered``, and with qh3 the connection's
+data in flight beyond a floor while its path queues); ``TRANSMIT_LIMIT`` (most datagrams one
 ``datagrams_to_send(now, limit)`` builds, or None); ``events`` (the event classes the shell
 dispatches on: StreamDataReceived, StreamReset, StopSendingReceived, HandshakeCompleted,
 ConnectionIdIssued, ConnectionIdRetired, ConnectionTerminated, HeadersReceived,
@@ -26,8 +27,8 @@ DataReceived);
 aioquic's methods (``connect``, ``receive_datagram``, ``datagrams_to_send``,
 ``get_timer``, ``handle_timer``, ``next_event``, ``send_stream_data``, ``reset_stream``,
 ``stop_stream``, ``close``, ``host_cid``) plus ours: ``receive_datagrams``,
-``open_stream``, ``can_open_stream``, ``hold``/``release``/``send_buffered`` (flow
-control and back-pressure), ``closed_event``, ``busy``, ``suspect``, ``keep_alive``,
+``open_stream``, ``can_open_stream``, ``hold``/``release``/``send_buffered``/``send_backlog``
+(flow control and back-pressure), ``closed_event``, ``busy``, ``suspect``, ``keep_alive``,
 ``handshake_complete``, ``smoothed_rtt``, ``lost_packets``; and
 ``h3_connection(quic, http_client=...)`` (HTTP/3 with the roles reversed).
 """

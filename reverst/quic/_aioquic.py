@@ -275,6 +275,9 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         sender = stream.sender
         return sender._buffer_stop - sender._buffer_start
 
+    #: what counts against a writer's high water (its unacknowledged bytes bound it already)
+    send_backlog = send_buffered
+
     def _write_stream_limits(self, builder, space, stream) -> None:
         # Called for every stream in every packet built: return early when there is
         # nothing to announce (most calls).

@@ -67,6 +67,16 @@ SEND_HIGH_WATER = 256 * 1024
 #: take ~0.15 ms; a bulk sender's congestion window on loopback (tens of MB) let one transmit
 #: build 400-1,100, 1-3 ms in which no other request was served (_transport.LOOP_TURN_LIMIT).
 TRANSMIT_LIMIT = 64
+#: Bytes in flight on a connection (sent, not yet acknowledged: kept in the native core's
+#: memory) above which writers also wait while the path queues (``send_backlog``): while the
+#: smoothed RTT is more than ``QUEUEING_RTT_RATIO`` times the least RTT seen, more data in
+#: flight only lengthens the queue (on loopback, the peer's own read loop), and qh3's
+#: congestion window, which no loss ever bounds there, let it reach ~7 MB per connection.
+#: Where the RTT is the path's own (a long path, no queue) flow control alone bounds it.
+IN_FLIGHT_FLOOR = 2 * 1024 * 1024
+QUEUEING_RTT_RATIO = 2.0
+#: How long the least RTT seen stands before a new sample replaces it (a route may change).
+MIN_RTT_SPAN = 10.0
 
 import qh3 as _library  # noqa: E402
 
@@ -179,6 +189,9 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         self._received_since_sent = 0  # datagrams
         self._ack_hold_until: float | None = None
         self._credit_granted = False  # by release(): MAX_DATA / MAX_STREAM_DATA to send now
+        self._min_rtt: float | None = None  # least RTT sample of the last MIN_RTT_SPAN
+        self._min_rtt_at = 0.0
+        self._rtt_seen: float | None = None  # the core's latest RTT sample when last looked at
 
     # -- what the shell asks --------------------------------------------------------------
     @property
@@ -220,6 +233,28 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         except ValueError:
             return 0
 
+    def send_backlog(self, stream_id: int) -> int:
+        """What counts against a writer's high water: the stream's unsent bytes, plus the
+        connection's bytes in flight beyond ``IN_FLIGHT_FLOOR`` while the path queues."""
+        backlog = self.send_buffered(stream_id)
+        core = self._core
+        if core is None:
+            return backlog
+        excess = core.bytes_in_flight - IN_FLIGHT_FLOOR
+        if excess > 0 and self._min_rtt is not None:
+            srtt = core.smoothed_rtt
+            if srtt is not None and srtt > QUEUEING_RTT_RATIO * self._min_rtt:
+                backlog += excess
+        return backlog
+
+    def _sample_rtt(self, now: float) -> None:
+        rtt = self._core.latest_rtt
+        if rtt is None or rtt == self._rtt_seen:
+            return  # no new sample since the last look (a stale one must not renew the least)
+        self._rtt_seen = rtt
+        if self._min_rtt is None or rtt <= self._min_rtt or now - self._min_rtt_at > MIN_RTT_SPAN:
+            self._min_rtt, self._min_rtt_at = rtt, now
+
     def reset_stream(self, stream_id: int, error_code: int) -> None:
         try:
             super().reset_stream(stream_id, error_code)
@@ -238,6 +273,7 @@ class TunnelQuicConnection(Liveness, QuicConnection):
             return []  # nothing but an ACK (and control frames) would leave: wait for an answer
         datagrams = self._poll_datagrams(now, limit)
         if datagrams:
+            self._sample_rtt(now)
             self._received_since_sent = 0
             self._credit_granted = False
             self._ack_hold_until = None
