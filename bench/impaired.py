@@ -70,6 +70,8 @@ PROFILES = [
     ("5%/10ms+5ms", Impairment(loss=0.05, delay=0.010, jitter=0.005)),
     ("5%/25ms+10ms", Impairment(loss=0.05, delay=0.025, jitter=0.010)),
     ("5%/50ms+10ms", Impairment(loss=0.05, delay=0.050, jitter=0.010)),
+    # a long path without loss: more than 2 MB must be in flight to fill it (qh3's in-flight gate)
+    ("0%/50ms", Impairment(delay=0.050)),
 ]
 
 
