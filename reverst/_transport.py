@@ -59,6 +59,10 @@ ADMISSION_LOG_INTERVAL = 10.0
 #: The longest closing period (seconds) of a connection the server closes before it
 #: registered (a registration refused or timed out, the unregistered cap): Connection.close(linger=).
 CLOSE_LINGER_UNREGISTERED = 1.0
+#: Longest an aborted stream's RESET_STREAM waits for what was queued before it (its
+#: response head) to leave: the reset discards unsent data, and qh3's pacer may hold a
+#: datagram back for a few ms (Stream.abort).
+RESET_AFTER_SEND_LIMIT = 0.2
 
 # ICMP errors on unconnected UDP sockets (Linux IP_RECVERR / IPV6_RECVERR, not in Python's
 # socket module before 3.12): a datagram to a peer whose port is closed (a tunnel client
@@ -537,6 +541,8 @@ class Connection:
         self._timer_at: float | None = None
         self._transmit_scheduled = False
         self._transmit_timer = None  # (schedule_transmit, once the loop has not polled for a while)
+        #: stream id -> (error code, deadline) of aborts whose reset waits for the data before it
+        self._resets_after_send: dict[int, tuple[int, float]] = {}
         self._process_scheduled = False
         self._close_by: float | None = None  # (see close(linger=))
         self._ended = False  # _terminated() ran: removed from the endpoint
@@ -624,9 +630,35 @@ class Connection:
             self.endpoint.send_datagrams(datagrams)
             if len(datagrams) == limit:
                 self.schedule_transmit()  # the rest after the others' turn (TRANSMIT_LIMIT)
+        if self._resets_after_send:
+            self._send_resets()
         self._check_closed()
         self._arm_timer()
         self._wake_writers()  # (with qh3, what is sent no longer counts as buffered)
+
+    def _reset_after_send(self, stream_id: int, error_code: int) -> None:
+        """Reset the stream once what is queued on it has left (see Stream.abort), at the
+        latest after RESET_AFTER_SEND_LIMIT."""
+        self._resets_after_send[stream_id] = (error_code, now() + RESET_AFTER_SEND_LIMIT)
+        timer = self._loop.timer(RESET_AFTER_SEND_LIMIT, 0.0, False)
+        timer.start(self._reset_timer_fired, timer)
+
+    def _reset_timer_fired(self, timer) -> None:
+        timer.close()
+        if not self._ended and self._resets_after_send:
+            self._send_resets(slack=0.01)
+            self.schedule_transmit()
+
+    def _send_resets(self, slack: float = 0.0) -> None:
+        t = now() + slack
+        for stream_id, (error_code, deadline) in list(self._resets_after_send.items()):
+            if t >= deadline or not self.quic.send_buffered(stream_id):
+                del self._resets_after_send[stream_id]
+                try:
+                    self.quic.reset_stream(stream_id, error_code)
+                except self._stream_errors:  # gone meanwhile: nothing to reset
+                    continue
+                self.schedule_transmit()
 
     def _arm_timer(self) -> None:
         if self._ended:
@@ -1103,9 +1135,18 @@ class Stream:
     def abort(self, error_code: int) -> None:
         """Cut a response that has begun: what is queued (its head, say) goes out first,
         then the reset. (RESET_STREAM discards unsent data: a head queued in the same step
-        as the reset never left, and the peer saw a reset before any response.)"""
-        if self.conn.is_open:
-            self.conn.transmit()
+        as the reset never left, and the peer saw a reset before any response.) What this
+        transmit could not send keeps the reset back until it has left, at most
+        RESET_AFTER_SEND_LIMIT."""
+        conn = self.conn
+        if conn.is_open:
+            conn.transmit()
+            if (not self._send_ended and self._send_error is None and self._error is None
+                    and conn.quic.send_buffered(self.stream_id)):
+                # Some of it is still held (qh3's pacer, say; aioquic: not yet acknowledged):
+                # the RESET_STREAM waits for it; reset() and finish() leave it to the connection.
+                conn._reset_after_send(self.stream_id, error_code)
+                self._send_ended = True
         self.reset(error_code)
 
     def finish(self, stop_reading: bool = True) -> None:

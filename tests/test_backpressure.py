@@ -2,7 +2,8 @@
 peer stops granting credit, the writer blocks with between half and just over the
 backend's high water mark buffered (``SEND_HIGH_WATER``, as its ``send_buffered``
 counts), and it goes on once the peer reads. And a bulk sender's transmits leave the
-loop's other sockets their turn (LOOP_TURN_LIMIT)."""
+loop's other sockets their turn (LOOP_TURN_LIMIT). And an aborted stream's reset follows
+what was queued before it (RESET_AFTER_SEND_LIMIT)."""
 import contextlib
 import time
 
@@ -11,7 +12,8 @@ import gevent.queue
 import gevent.socket
 import pytest
 
-from reverst._transport import LOOP_TURN_LIMIT, Endpoint
+from reverst._transport import LOOP_TURN_LIMIT, RESET_AFTER_SEND_LIMIT, Endpoint
+from reverst.errors import StreamReset
 from reverst.quic import available_backends, load_backend
 
 WINDOW = 1024 * 1024  # the receiver's stream window (small: a quick test)
@@ -125,3 +127,34 @@ def test_a_transmit_scheduled_late_in_a_long_loop_turn_lets_waiting_sockets_go_f
             reader.join(timeout=5)
             gevent.sleep(0.01)
             assert order == expected, f"busy for {busy_for * 1e3:.1f} ms: {order}"
+
+
+@pytest.mark.parametrize("backend_name", available_backends())
+def test_an_aborted_stream_is_reset_after_what_was_queued_before_it(certs, backend_name):
+    """RESET_STREAM discards what was not sent yet: abort() holds the reset back until the
+    queued bytes have left (a response head the pacer delays), and no longer than
+    RESET_AFTER_SEND_LIMIT when they cannot (here: beyond what the peer's flow control lets
+    through while it does not read)."""
+    backend = load_backend(backend_name)
+    accepted: gevent.queue.Queue = gevent.queue.Queue()
+    with connected(certs, backend, on_connection=accepted.put, window=WINDOW) as conn:
+        server_side = None
+        for size in (100, 8 * WINDOW):  # all can leave; then only what flow control allows
+            stream = conn.open_stream()
+            body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            stream.queue(body)
+            stream.abort(0x102)
+            if server_side is None:
+                server_side = accepted.get(timeout=5)
+            peer = server_side.accept_stream(timeout=5)
+            if size > 100:
+                gevent.sleep(RESET_AFTER_SEND_LIMIT + 0.5)  # nothing read meanwhile
+            got = bytearray()
+            with pytest.raises(StreamReset) as reset:
+                while True:
+                    got += peer.read(1 << 20, timeout=5)
+            assert reset.value.error_code == 0x102
+            if size == 100:
+                assert bytes(got) == body  # all of it, before the reset
+            else:
+                assert 0 < len(got) < size and bytes(got) == body[:len(got)]  # the reset did not wait for all
