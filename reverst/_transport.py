@@ -646,8 +646,7 @@ class Connection:
     def _reset_timer_fired(self, timer) -> None:
         timer.close()
         if not self._ended and self._resets_after_send:
-            self._send_resets(slack=0.01)
-            self.schedule_transmit()
+            self._send_resets(slack=0.01)  # (schedules the transmit of what it resets)
 
     def _send_resets(self, slack: float = 0.0) -> None:
         t = now() + slack
@@ -1122,9 +1121,14 @@ class Stream:
         if self._error is not None:
             raise self._error
 
+    @property
+    def _send_open(self) -> bool:
+        """Our sending side has neither ended nor failed."""
+        return not self._send_ended and self._send_error is None and self._error is None
+
     def close(self) -> None:
         """End our sending side (FIN)."""
-        if not self._send_ended and self._send_error is None and self._error is None:
+        if self._send_open:
             self.write(b"", end=True)
 
     def reset(self, error_code: int = H3_REQUEST_CANCELLED) -> None:
@@ -1141,8 +1145,7 @@ class Stream:
         conn = self.conn
         if conn.is_open:
             conn.transmit()
-            if (not self._send_ended and self._send_error is None and self._error is None
-                    and conn.quic.send_buffered(self.stream_id)):
+            if self._send_open and conn.quic.send_buffered(self.stream_id):
                 # Some of it is still held (qh3's pacer, say; aioquic: not yet acknowledged):
                 # the RESET_STREAM waits for it; reset() and finish() leave it to the connection.
                 conn._reset_after_send(self.stream_id, error_code)
@@ -1166,7 +1169,7 @@ class Stream:
             conn._forget(self)
             return
         quic = conn.quic
-        if not self._send_ended and self._send_error is None and self._error is None:
+        if self._send_open:
             quic.reset_stream(self.stream_id, reset_code)
         self._send_ended = True
         if self._eof or self._error is not None:
