@@ -121,6 +121,8 @@ def test_stop_while_dialling_a_server_that_is_down_returns_at_once(certs):
 
 SERVE_SCRIPT = """
 import signal, sys
+# Python's own handler, even where SIGINT came in ignored (a background job of a shell):
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from tests.apps import app
 from reverst.client import BasicAuth, serve
 serve(app, sys.argv[1], tunnel_group="app.test", server_name="localhost", ca_file=sys.argv[2],
