@@ -72,6 +72,11 @@ class Hosts:
             fh.write("127.0.0.1 localhost\n" + "".join(f"{a} {NAME}\n" for a in addresses))
 
 
+#: A drained replica keeps serving for a second after /readyz turns 503 (the default 5 s is
+#: for load balancers that look less often): five looks of ReadinessBalancer (every 0.2 s).
+DRAIN = ["--drain-delay", "1s"]
+
+
 class Replica(Proc):
     """Our reverstd on one loopback address: tunnel UDP, public TCP and management TCP on
     the shared port numbers."""
@@ -125,7 +130,7 @@ def ha(tmp_path, certs, groups_file, procs):
     ports = free_ports([socket.SOCK_DGRAM, socket.SOCK_STREAM, socket.SOCK_STREAM])
     replicas = {}
     for address in ADDRESSES:
-        replicas[address] = Replica(certs, groups_file, address, ports)
+        replicas[address] = Replica(certs, groups_file, address, ports, extra=DRAIN)
         procs.append(replicas[address])
     hosts = Hosts(tmp_path / "hosts", ADDRESSES)
     client = NamespacedClient(certs, hosts, ports[0])
@@ -245,7 +250,7 @@ def test_a_rolling_restart_behind_a_load_balancer_fails_no_request(ha, certs, gr
             old = replicas[address]
             old.popen.send_signal(signal.SIGTERM)
             assert old.popen.wait(15) == 0, old.output()[-2000:]
-            new = Replica(certs, groups_file, address, ports, extra=["--wait-for-tunnels", "10s"])
+            new = Replica(certs, groups_file, address, ports, extra=[*DRAIN, "--wait-for-tunnels", "10s"])
             procs.append(new)
             replicas[address] = new
             lb.replace(old, new)

@@ -60,8 +60,8 @@ def test_access_log_is_off_with_the_flag(certs, groups_file, procs):
 
 def test_access_log_is_off_with_the_env_var(certs, groups_file, procs):
     proc = Proc([sys.executable, "-m", "reverst.cli", "reverstd", "-n", "localhost", "-k", certs["key"],
-                 "-c", certs["cert"], "-g", str(groups_file), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0"],
-                env={"REVERST_ACCESS_LOG": "false"})
+                 "-c", certs["cert"], "-g", str(groups_file), "-a", "127.0.0.1:0", "-s", "127.0.0.1:0",
+                 "--drain-delay", "0s"], env={"REVERST_ACCESS_LOG": "false"})
     procs.append(proc)
     port = int(proc.wait_for(READY_SERVER.pattern).group(2).rsplit(":", 1)[1])
     assert requests.get(f"http://127.0.0.1:{port}/", headers={"Host": "nobody.test"}, timeout=5).status_code == 502
