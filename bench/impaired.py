@@ -138,7 +138,9 @@ NGINX_UPLOAD = ("location = /upload {{ client_max_body_size 1g; proxy_request_bu
 
 
 def data_of(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+    """``size`` seeded random bytes (in 64 MiB pieces: randbytes takes at most 2**31 bits)."""
+    rng, piece = random.Random(seed), 64 << 20
+    return b"".join(rng.randbytes(min(piece, size - at)) for at in range(0, size, piece))
 
 
 # -- processes ---------------------------------------------------------------------------------------
