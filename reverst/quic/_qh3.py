@@ -82,7 +82,7 @@ MIN_RTT_SPAN = 10.0
 #: in flight per round trip. Down a 100 ms path 4 MB gave 19 MB/s (Go: 19) and 8 MB 34 MB/s;
 #: on loopback 8 MB changed neither memory nor throughput (docs/performance.md). The
 #: connection's, twice a stream's, bounds what a tunnel connection holds unread
-#: (``budget``): 16 MB, as before (then four 4 MB streams').
+#: (``budget``): 16 MB, the same as with 4 MB streams (it was four times a stream's then).
 STREAM_WINDOW = 8 * 1024 * 1024
 
 import qh3 as _library  # noqa: E402
