@@ -28,7 +28,7 @@ import compileall
 import contextlib
 import dataclasses
 import http.client
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -145,6 +145,19 @@ class Proc:
         except OSError:
             return 0.0
 
+    def anon_mb(self) -> float:
+        """The anonymous part of the RSS (heaps, stacks): the RSS without the pages of the
+        files a process maps (its executable and shared libraries), which the kernel can
+        drop and read again, and which processes running the same files share."""
+        try:
+            with open(f"/proc/{self.popen.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024 / 1e6
+        except OSError:
+            pass
+        return 0.0
+
     def stop(self):
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -188,8 +201,9 @@ class Profiler:
     """py-spy (``pip install py-spy``) on some processes while a case runs: raw stacks in
     ``<dir>/<case>-<proc>.txt`` and the functions with the most samples printed."""
 
-    def __init__(self, directory, case, procs, duration):
+    def __init__(self, directory, case, procs, duration, native=False):
         self.directory, self.case, self.procs, self.duration = directory, case, procs, duration
+        self.native = native  # also the native frames (C, Rust): where the time in a library goes
         self.spies = []
 
     def __enter__(self):
@@ -201,7 +215,8 @@ class Profiler:
             out = self.directory / f"{slug}-{p.name}.txt"
             self.spies.append((p.name, out, subprocess.Popen(
                 ["py-spy", "record", "-p", str(p.popen.pid), "-d", str(self.duration), "-r", "100", "--gil",
-                 "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+                 *(["--native"] if self.native else []), "--format", "raw", "-o", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -218,13 +233,20 @@ class Profiler:
 
 
 def profile_headline(path, top=8) -> str:
-    """The files and functions with the most self samples in a py-spy raw (collapsed) file."""
-    own, files, total = {}, {}, 0
+    """The files and functions with the most self samples in a py-spy raw (collapsed) file;
+    with native frames (``--native``), also the time in the C library counted to the code
+    that called it (whose memcpy and malloc they are)."""
+    own, files, callers, total = {}, {}, {}, 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        leaf = stack.rsplit(";", 1)[-1]
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if "(libc.so" in leaf:
+            caller = next((f for f in reversed(frames) if "(libc.so" not in f), "?")
+            caller = re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", caller).rpartition(" (")[2].rstrip(")")
+            callers[caller] = callers.get(caller, 0) + int(count)
         leaf = re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", leaf)
         own[leaf] = own.get(leaf, 0) + int(count)
         file = leaf.rpartition(" (")[2].rstrip(")") or "?"
@@ -235,7 +257,44 @@ def profile_headline(path, top=8) -> str:
 
     def share(d):
         return ", ".join(f"{100 * n / total:.0f}% {k}" for k, n in sorted(d.items(), key=lambda kv: -kv[1])[:top])
-    return f"files: {share(files)}\n    functions: {share(own)}"
+    headline = f"files: {share(files)}\n    functions: {share(own)}"
+    if callers:
+        headline += f"\n    libc called from: {share(callers)}"
+    return headline
+
+
+def memray_headline(path, top=6) -> str:
+    """What a process held at its heap's peak (a ``memray run --aggregate`` capture): by
+    owner (module import, our package, qh3, the other libraries, native-only stacks), then
+    the largest places."""
+    import memray
+    reader = memray.FileReader(str(path))
+    owners: dict[str, int] = {}
+    places: dict[str, int] = {}
+    for record in reader.get_high_watermark_allocation_records(merge_threads=True):
+        frames = record.stack_trace()
+        files = [f[1] for f in frames]
+        if any("importlib._bootstrap" in f or "<frozen runpy>" in f for f in files):
+            owner, place = "imports", None
+        elif not frames:
+            native = [f[0] for f in record.native_stack_trace()[:3]]
+            owner, place = "native", "native " + " < ".join(native)
+        else:
+            f = frames[0]  # (the innermost: whose code allocated)
+            lib = re.search(r"site-packages/([^/.]+)", f[1])
+            owner = "ours" if "/reverst/" in f[1] else lib.group(1) if lib else "stdlib"
+            ours = [f for f in frames if "/reverst/" in f[1]]
+            place = f"{f[0]} ({f[1].rsplit('/', 1)[-1]}:{f[2]})" + \
+                (f" < {ours[0][0]} ({ours[0][1].rsplit('/', 1)[-1]}:{ours[0][2]})" if ours and ours[0] is not f else "")
+        owners[owner] = owners.get(owner, 0) + record.size
+        if place:
+            places[place] = places.get(place, 0) + record.size
+
+    def mb(n):
+        return f"{n / 1e6:.1f} MB"
+    by_owner = ", ".join(f"{k} {mb(v)}" for k, v in sorted(owners.items(), key=lambda kv: -kv[1]))
+    largest = "; ".join(f"{mb(v)} {k}" for k, v in sorted(places.items(), key=lambda kv: -kv[1])[:top])
+    return f"peak heap {mb(reader.metadata.peak_memory)}: {by_owner}\n    largest: {largest}"
 
 
 class Sampler:
@@ -245,6 +304,7 @@ class Sampler:
         self.procs = procs
         self.peak = {p.name: p.rss_mb() for p in procs}
         self.peak_total = sum(self.peak.values())
+        self.peak_anon_total = sum(p.anon_mb() for p in procs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -254,6 +314,7 @@ class Sampler:
             for name, rss in now.items():
                 self.peak[name] = max(self.peak[name], rss)
             self.peak_total = max(self.peak_total, sum(now.values()))
+            self.peak_anon_total = max(self.peak_anon_total, sum(p.anon_mb() for p in self.procs))
 
     def __enter__(self):
         self.cpu0 = {p.name: p.cpu_seconds() for p in self.procs}
@@ -425,6 +486,16 @@ class Setup:
     backend: Backend
     datagram_size: int
     app_threads: int
+    memray: pathlib.Path | None = None  # run our processes under memray, writing here
+
+
+def python_command(setup: Setup, name: str) -> list[str]:
+    """The interpreter for one of our processes: under ``memray run`` with ``--memray``
+    (native frames too, aggregated: the allocations at the heap's peak, written at exit)."""
+    if setup.memray is None:
+        return [sys.executable]
+    return [sys.executable, "-m", "memray", "run", "--native", "--aggregate", "-q", "-f",
+            "-o", str(setup.memray / f"{name}.bin")]
 
 
 @dataclasses.dataclass
@@ -503,17 +574,17 @@ def our_stack_spec(quic: str, setup: Setup) -> StackSpec:
     common = ["--max-datagram-size", str(setup.datagram_size), "--quic-backend", quic]
 
     def server(tunnel_port, http_port):
-        return [sys.executable, "-m", "reverst.cli", "reverstd", "-l", "warn", "-n", "localhost",
+        return [*python_command(setup, f"{quic}-reverstd"), "-m", "reverst.cli", "reverstd", "-l", "warn", "-n", "localhost",
                 "-c", str(setup.cert), "-k", str(setup.key), "-g", str(groups),
                 "-a", f"127.0.0.1:{tunnel_port}", "-s", f"127.0.0.1:{http_port}", *common]
 
     def expose(tunnel):
-        return [sys.executable, "-m", "reverst.cli", "client", "expose", "-l", "info", "-a", tunnel,
+        return [*python_command(setup, f"{quic}-expose"), "-m", "reverst.cli", "client", "expose", "-l", "info", "-a", tunnel,
                 "-n", "localhost", "-g", "bench.expose", "-c", str(setup.ca),
                 "--username", USER, "--password", PASSWORD, *common, str(setup.backend.port)]
 
     def wsgi(tunnel):
-        return [sys.executable, "-c", WSGI_APP, tunnel, "bench.wsgi", str(setup.ca), str(setup.datagram_size),
+        return [*python_command(setup, f"{quic}-wsgi"), "-c", WSGI_APP, tunnel, "bench.wsgi", str(setup.ca), str(setup.datagram_size),
                 str(setup.app_threads), quic]
     return StackSpec(quic, server, [ClientSpec("expose", "bench.expose", expose, r"reachable through"),
                                     ClientSpec("wsgi", "bench.wsgi", wsgi, r"^ready$")], python=True)
@@ -654,7 +725,8 @@ def run_target(case, rep, target: Target, backend, post_lua, args) -> dict:
     try:
         with Sampler([server, client]) as s, \
                 background_load(case, args.duration, target.stack.http_port, target.host) as bg, \
-                Profiler(profile_dir, f"{name} {target.client} r{rep + 1}", python_procs, args.duration):
+                Profiler(profile_dir, f"{name} {target.client} r{rep + 1}", python_procs, args.duration,
+                         args.native):
             res = wrk(url, conns, args.duration, host=target.host, script=post_lua if post else None)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {**row, "failed": str(exc)}
@@ -666,7 +738,7 @@ def run_target(case, rep, target: Target, backend, post_lua, args) -> dict:
             "p99_ms": res.get("p99"), "errors": res["errors"], "socket_errors": res.get("socket_errors"),
             "server_cpu_s": s.cpu[server.name], "client_cpu_s": s.cpu[client.name],
             "server_rss_mb": s.peak[server.name], "client_rss_mb": s.peak[client.name],
-            "both_rss_mb": s.peak_total}
+            "both_rss_mb": s.peak_total, "both_anon_mb": s.peak_anon_total}
 
 
 def run_cases(cases, stacks, backend, post_lua, args) -> list[dict]:
@@ -721,7 +793,7 @@ def median(values):
 
 
 MEDIAN_KEYS = ("value", "p50_ms", "p99_ms", "server_cpu_s", "client_cpu_s", "server_rss_mb", "client_rss_mb",
-               "both_rss_mb", "registration_s", "server_rss_growth_mb", "background_mb_s")
+               "both_rss_mb", "both_anon_mb", "registration_s", "server_rss_growth_mb", "background_mb_s")
 
 
 def median_rows(runs) -> list[dict]:
@@ -759,7 +831,7 @@ def median_rows(runs) -> list[dict]:
 FEW_REQUESTS = 10  # a figure from fewer completed requests (over all its runs) is flagged
 
 COLUMNS = ("case", "stack", "client", "value", "ours/Go", "paired", "p50 ms", "p50/Go", "p99 ms", "srv cpu s",
-           "cli cpu s", "srv MB", "cli MB", "both MB", "errors")
+           "cli cpu s", "srv MB", "cli MB", "both MB", "anon MB", "errors")
 
 
 def cells(row) -> list[str]:
@@ -779,7 +851,7 @@ def cells(row) -> list[str]:
     return [row["case"], row["stack"], client, value, fmt("ratio", ".2f"), fmt("paired_ratio", ".2f"),
             fmt("p50_ms", ".2f"), fmt("paired_p50_ratio", ".2f"), fmt("p99_ms", ".2f"), fmt("server_cpu_s", ".1f"),
             fmt("client_cpu_s", ".1f"), fmt("server_rss_mb"), fmt("client_rss_mb"), fmt("both_rss_mb"),
-            fmt("errors", "d")]
+            fmt("both_anon_mb"), fmt("errors", "d")]
 
 
 def print_run(run):
@@ -797,7 +869,8 @@ def print_table(rows, info):
     print(f"backend: {info['backend']}; {info['nproc']} cpus; {info['duration_s']} s per run, median of "
           f"{info['repeat']} run(s) alternated; direct = backend without a tunnel; ours/Go = value / the go "
           f"row's; paired, p50/Go = the median over repetitions of the ratio to the Go run of the same "
-          f"repetition (value, p50); cpu in seconds, RSS in MB (peak during the run; both = peak of server + client)")
+          f"repetition (value, p50); cpu in seconds, RSS in MB (peak during the run; both = peak of server + client; anon = the same "
+          f"peak of their anonymous memory, without the pages of mapped files such as shared libraries)")
     print(f"versions: {', '.join(f'{k} {v}' for k, v in info['versions'].items())}; Go peer: "
           f"{info['go_peer']['path'] if info['go_peer']['present'] else 'absent'}")
     for i, r in enumerate(table):
@@ -849,11 +922,20 @@ def parse_args():
                         help="app_threads of the WSGI client (0: the app runs in greenlets)")
     parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
                         help="record py-spy profiles of our reverstd and clients per case into DIR")
+    parser.add_argument("--native", action="store_true",
+                        help="with --profile: the native frames too (py-spy --native: C and Rust code by library)")
+    parser.add_argument("--memray", type=pathlib.Path, default=None, metavar="DIR",
+                        help="run our reverstd and clients under memray (pip install memray) and print what "
+                             "each held at its peak of heap memory over the whole session (use with --only)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.profile and not shutil.which("py-spy"):
         sys.exit("--profile needs py-spy: pip install py-spy")
+    if args.native and not args.profile:
+        parser.error("--native goes with --profile DIR")
+    if args.memray and importlib.util.find_spec("memray") is None:
+        sys.exit("--memray needs memray: pip install memray")
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     return args
@@ -891,7 +973,9 @@ def main():
             ca, cert, key = make_certs(tmp / "certs")
             backend = start_backend(tmp, procs)
             info["backend"] = backend.name
-            setup = Setup(tmp, ca, cert, key, backend, args.datagram_size, args.app_threads)
+            if args.memray:
+                args.memray.mkdir(parents=True, exist_ok=True)
+            setup = Setup(tmp, ca, cert, key, backend, args.datagram_size, args.app_threads, args.memray)
             specs = ([] if go_problem else [go_stack_spec(args.go_peers, setup)]) + \
                 [our_stack_spec(b, setup) for b in backends]
             stacks = launch_stacks(specs, procs, info["skipped"])
@@ -907,6 +991,9 @@ def main():
                         print_run(runs[-1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.memray:  # (written as each process exited)
+        for path in sorted(args.memray.glob("*.bin")):
+            print(f"memray {path.stem}: {memray_headline(path)}", flush=True)
 
     rows = median_rows(runs)
     info["direct"] = {r["case"]: {"value": r["value"], "unit": r["unit"]} for r in rows if r["stack"] == "direct"}
