@@ -2,7 +2,8 @@
 
 * :class:`Endpoint` owns one UDP socket and one reader greenlet.  It drains a batch of
   datagrams, routes each by destination connection id, feeds each connection its share
-  in one call, then lets every touched connection process its events and transmit once.
+  in one call (a coalesced read in one call of its own), then lets every touched
+  connection process its events and transmit once.
 * :class:`Connection` drives one backend connection (:mod:`reverst.quic`: aioquic or
   qh3, the same interface): a single libev timer, transmits coalesced per loop
   iteration, and event dispatch that only buffers data and wakes greenlets (it never
@@ -335,7 +336,8 @@ class Endpoint:
                 try:
                     got = recvfrom(MAX_DATAGRAM)
                     batch.append(got)
-                    budget -= len(got[0]) if got[0].__class__ is list else 1
+                    data = got[0]
+                    budget -= 1 if data.__class__ is not tuple else -(-len(data[0]) // data[1])
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -349,16 +351,17 @@ class Endpoint:
                 continue
             t = now()
             # Each connection gets its datagrams in one call (one native call with qh3),
-            # in arrival order; a change of peer address starts a new call.
+            # in arrival order; a change of peer address starts a new call, and a coalesced
+            # read goes whole in a call of its own (split in qh3's native core).
             touched: dict[Connection, list] = {}
             for data, addr in batch:
-                segments = None
-                if data.__class__ is list:  # datagrams GRO coalesced: one peer, routed once
-                    segments, data = data, data[0]
+                coalesced = None
+                if data.__class__ is tuple:  # datagrams GRO coalesced: one peer, routed once
+                    coalesced, data = data, data[0][:data[1]]
                 try:
                     conn = self._route(data, addr)
                 except Exception:  # a datagram must never take the endpoint down
-                    self.dropped_datagrams += 1
+                    self.dropped_datagrams += 1 if coalesced is None else -(-len(coalesced[0]) // coalesced[1])
                     logger.exception("dropping a datagram from %s", addr)
                     continue
                 if conn is None:
@@ -369,16 +372,20 @@ class Endpoint:
                 elif pending[0] != addr:
                     self._feed(conn, pending, t)
                     pending[:] = [addr]
-                if segments is None:
+                if coalesced is None:
                     pending.append(data)
-                else:
-                    pending.extend(segments)
+                else:  # in arrival order: what came before it first
+                    self._feed(conn, pending, t)
+                    del pending[1:]
+                    self._feed_coalesced(conn, coalesced, addr, t)
             for conn, pending in touched.items():
                 self._feed(conn, pending, t)
                 conn.process()
 
     def _feed(self, conn: "Connection", pending: list, t: float) -> None:
         addr, datagrams = pending[0], pending[1:]
+        if not datagrams:
+            return
         try:
             if len(datagrams) == 1:
                 conn.quic.receive_datagram(datagrams[0], addr, t)
@@ -388,15 +395,24 @@ class Endpoint:
             self.dropped_datagrams += len(datagrams)
             logger.exception("%r: dropping %d datagrams from %s", conn, len(datagrams), addr)
 
+    def _feed_coalesced(self, conn: "Connection", coalesced: tuple, addr, t: float) -> None:
+        buffer, segment = coalesced
+        try:
+            conn.quic.receive_coalesced(buffer, segment, addr, t)
+        except Exception:  # a datagram must never take the endpoint down
+            self.dropped_datagrams += -(-len(buffer) // segment)
+            logger.exception("%r: dropping %d coalesced bytes from %s", conn, len(buffer), addr)
+
     def _recv_coalesced(self, size: int):
-        """recvfrom() with UDP_GRO: (data, addr), data being a list of datagrams (from one
-        peer) when the kernel coalesced several."""
+        """recvfrom() with UDP_GRO: (data, addr), data being (buffer, segment size) when the
+        kernel coalesced several datagrams (from one peer): each is ``segment size`` bytes
+        of the buffer, the last one shorter or equal."""
         data, ancillary, _, addr = self._raw.recvmsg(size, _GRO_CMSG_SPACE)
         for level, kind, value in ancillary:
             if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= 4:
                 segment = int.from_bytes(value[:4], sys.byteorder)
                 if 0 < segment < len(data):
-                    return [data[i:i + segment] for i in range(0, len(data), segment)], addr
+                    return (data, segment), addr
         return data, addr
 
     def send_datagrams(self, datagrams: list) -> None:

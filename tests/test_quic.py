@@ -289,6 +289,32 @@ def test_qh3_one_transmit_builds_at_most_the_limit_and_the_next_one_the_rest(sma
     assert bytes(reader.data[sid]) == body and sid in reader.ended
 
 
+def test_datagrams_received_coalesced_give_what_was_sent(small):
+    """UDP GRO hands the endpoint one buffer of equal-size datagrams (the last one shorter or
+    equal): ``receive_coalesced`` takes it whole, on both backends."""
+    sender, receiver = small.client, small.server
+    reader = small.on_event[receiver] = Holder(receiver)
+    sid = sender.get_next_available_stream_id()
+    body = payload(20 * KiB, seed=8)
+    sender.send_stream_data(sid, body, end_stream=True)
+    first, *sent = [data for data, _ in sender.datagrams_to_send(now=small.now)]
+    receiver.receive_datagram(first, small.addr[sender], now=small.now)  # (it may differ in size)
+    segment = len(sent[0])
+    run = 1
+    while run < len(sent) and len(sent[run]) == segment:
+        run += 1
+    if run < len(sent) and len(sent[run]) < segment:
+        run += 1  # (a shorter one may end a coalesced buffer)
+    assert run >= 2, [len(d) for d in sent]  # (aioquic paces its first flight: 3 datagrams)
+    receiver.receive_coalesced(b"".join(sent[:run]), segment, small.addr[sender], now=small.now)
+    for data in sent[run:]:
+        receiver.receive_datagram(data, small.addr[sender], now=small.now)
+    small.drain(receiver)
+    small.advance(1.0)  # (what did not fit in the first flight, acknowledged as usual)
+    assert bytes(reader.data[sid]) == body and sid in reader.ended
+    assert receiver._close_event is None
+
+
 class Path:
     """Datagrams between the two ends of a ``Link`` arrive ``one_way`` seconds after they
     left (``Link`` delivers at once: no RTT to measure); the fake clock moves in steps."""

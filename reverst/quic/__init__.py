@@ -26,7 +26,8 @@ DataReceived);
 ``keep_alive``, ``dead_peer_timeout``, ``reset_key``, ``request_streams``) returning a connection with
 aioquic's methods (``connect``, ``receive_datagram``, ``datagrams_to_send``,
 ``get_timer``, ``handle_timer``, ``next_event``, ``send_stream_data``, ``reset_stream``,
-``stop_stream``, ``close``, ``host_cid``) plus ours: ``receive_datagrams``,
+``stop_stream``, ``close``, ``host_cid``) plus ours: ``receive_datagrams``, ``receive_coalesced``
+(datagrams the kernel coalesced into one buffer, UDP GRO),
 ``open_stream``, ``can_open_stream``, ``hold``/``release``/``send_buffered``/``send_backlog``
 (flow control and back-pressure), ``closed_event``, ``busy``, ``suspect``, ``keep_alive``,
 ``handshake_complete``, ``smoothed_rtt``, ``lost_packets``; and

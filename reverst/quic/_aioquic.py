@@ -238,6 +238,12 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         for data in datagrams:
             self.receive_datagram(data, addr, now)
 
+    def receive_coalesced(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
+        """Datagrams the kernel coalesced (UDP GRO): each ``segment_size`` bytes, the last
+        one shorter or equal."""
+        for offset in range(0, len(buffer), segment_size):
+            self.receive_datagram(buffer[offset:offset + segment_size], addr, now)
+
     # -- flow control -------------------------------------------------------------
     def hold(self, stream_id: int, nbytes: int) -> None:
         """``nbytes`` of received stream data are buffered, unread, by the owner."""

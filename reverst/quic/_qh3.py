@@ -19,8 +19,8 @@ Where qh3 2.1 has no hook, the nearest equivalent (README, "QUIC backends"):
 * Its H3 layer checks no Content-Length: :class:`ReversedH3Connection` does, failing
   just that stream, as aioquic does.
 
-Touches private qh3 names (``_core``, ``_drain_core``, ``_create_tls``, ``_close_event``,
-``_tls``, ``_events``; in its H3 layer ``_receive_stream_data``,
+Touches private qh3 names (``_core``, ``_drain_core``, ``_call_core``, ``_normalize_address``,
+``_create_tls``, ``_close_event``, ``_tls``, ``_events``; in its H3 layer ``_receive_stream_data``,
 ``_handle_request_or_push_frame``, ``_maybe_cleanup_stream`` and the H3Stream parser
 state): keep the pin in setup.cfg and the loopback tests.
 """
@@ -372,10 +372,20 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         self.receive_many_datagrams(datagrams, addr, now)
         self._received(len(datagrams), was_open)
 
-    def receive_gro_buffer(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
+    def receive_coalesced(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
+        """Datagrams the kernel coalesced (UDP GRO), split in the native core: no copy of
+        each datagram in Python, one call per buffer."""
+        if not self._handshake_complete:  # (qh3 would split it and call receive_datagram)
+            self.receive_datagrams([buffer[i:i + segment_size] for i in range(0, len(buffer), segment_size)],
+                                   addr, now)
+            return
         self._heard_from_peer(now)
         was_open = self._close_event is None
-        super().receive_gro_buffer(buffer, segment_size, addr, now)
+        if self._quic_logger is not None:
+            super().receive_gro_buffer(buffer, segment_size, addr, now)
+        else:  # (qh3's method slices each datagram out for its logger, wanted or not)
+            self._call_core(self._core.receive_gro_buffer, buffer, segment_size, self._normalize_address(addr), now)
+            self._drain_core()
         self._received(-(-len(buffer) // segment_size), was_open)
 
     def _received(self, count: int, was_open: bool) -> None:
