@@ -375,7 +375,7 @@ class TunnelQuicConnection(Liveness, QuicConnection):
     def receive_coalesced(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
         """Datagrams the kernel coalesced (UDP GRO), split in the native core: no copy of
         each datagram in Python, one call per buffer."""
-        if not self._handshake_complete:  # (qh3 would split it and call receive_datagram)
+        if not self._handshake_complete or self._core is None:  # (qh3 would split it too)
             self.receive_datagrams([buffer[i:i + segment_size] for i in range(0, len(buffer), segment_size)],
                                    addr, now)
             return
