@@ -33,8 +33,9 @@ from .errors import ConnectionClosed, StreamReset
 from .http3 import H3_ERROR_NAMES, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
 from .logs import format_address
 from .protocol import AppErrorCode
-from .quic import (CID_LENGTH, INVALID_TOKEN, Admission, encode_stateless_reset, encode_version_negotiation,
-                   initial_token_untrusted, load_backend, parse_header_untrusted, stateless_reset_token)
+from .quic import (CID_LENGTH, INVALID_TOKEN, Admission, coalesced_count, encode_stateless_reset,
+                   encode_version_negotiation, initial_token_untrusted, load_backend, parse_header_untrusted,
+                   stateless_reset_token)
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ class Endpoint:
                     got = recvfrom(MAX_DATAGRAM)
                     batch.append(got)
                     data = got[0]
-                    budget -= 1 if data.__class__ is not tuple else -(-len(data[0]) // data[1])
+                    budget -= 1 if data.__class__ is not tuple else coalesced_count(*data)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -361,7 +362,7 @@ class Endpoint:
                 try:
                     conn = self._route(data, addr)
                 except Exception:  # a datagram must never take the endpoint down
-                    self.dropped_datagrams += 1 if coalesced is None else -(-len(coalesced[0]) // coalesced[1])
+                    self.dropped_datagrams += 1 if coalesced is None else coalesced_count(*coalesced)
                     logger.exception("dropping a datagram from %s", addr)
                     continue
                 if conn is None:
@@ -400,7 +401,7 @@ class Endpoint:
         try:
             conn.quic.receive_coalesced(buffer, segment, addr, t)
         except Exception:  # a datagram must never take the endpoint down
-            self.dropped_datagrams += -(-len(buffer) // segment)
+            self.dropped_datagrams += coalesced_count(buffer, segment)
             logger.exception("%r: dropping %d coalesced bytes from %s", conn, len(buffer), addr)
 
     def _recv_coalesced(self, size: int):

@@ -41,12 +41,13 @@ from types import ModuleType
 
 from ._admission import INVALID_TOKEN, Admission, InvalidToken, Mode as RetryMode, RetryTokens, Verdict, initial_token_untrusted
 from ._common import (BUSY_DEAD_PEER_TIMEOUT, BUSY_PROBE_INTERVAL, CID_LENGTH, REQUEST_STREAMS, SUSPECT_GRACE, Header,
-                      encode_stateless_reset, encode_version_negotiation, parse_header_untrusted, stateless_reset_token)
+                      coalesced_count, encode_stateless_reset, encode_version_negotiation, parse_header_untrusted,
+                      stateless_reset_token)
 
 __all__ = ["INVALID_TOKEN", "Admission", "InvalidToken", "RetryMode", "RetryTokens", "Verdict", "initial_token_untrusted",
            "BACKENDS", "load_backend", "available_backends", "BUSY_DEAD_PEER_TIMEOUT", "BUSY_PROBE_INTERVAL",
            "SUSPECT_GRACE", "REQUEST_STREAMS",
-           "CID_LENGTH", "Header", "encode_stateless_reset", "encode_version_negotiation",
+           "CID_LENGTH", "Header", "coalesced_count", "encode_stateless_reset", "encode_version_negotiation",
            "parse_header_untrusted", "stateless_reset_token"]
 
 #: The backend names, fastest first (the order ``auto`` tries them in).

@@ -40,7 +40,7 @@ from aioquic.quic.recovery import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, QuicPack
 
 from ..http3 import MAX_HEADERS_FRAME, ReversedRoles
 from ..protocol import ALPN, AppErrorCode
-from ._common import Liveness, is_stateless_reset_candidate, stateless_reset_token
+from ._common import Liveness, is_stateless_reset_candidate, split_coalesced, stateless_reset_token
 
 NAME = "aioquic"
 SERVES_EMPTY_CLIENT_CIDS = True  # (see reverst.quic._qh3)
@@ -241,8 +241,7 @@ class TunnelQuicConnection(Liveness, QuicConnection):
     def receive_coalesced(self, buffer: bytes, segment_size: int, addr, now: float) -> None:
         """Datagrams the kernel coalesced (UDP GRO): each ``segment_size`` bytes, the last
         one shorter or equal."""
-        for offset in range(0, len(buffer), segment_size):
-            self.receive_datagram(buffer[offset:offset + segment_size], addr, now)
+        self.receive_datagrams(split_coalesced(buffer, segment_size), addr, now)
 
     # -- flow control -------------------------------------------------------------
     def hold(self, stream_id: int, nbytes: int) -> None:

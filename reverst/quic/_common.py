@@ -9,6 +9,7 @@
   ``reverstd`` can tell the clients of its previous life that their connection is gone.
 * QUIC invariant headers (RFC 8999): enough to route a datagram by connection id and to
   answer an unknown version, without either library.
+* Coalesced reads (UDP GRO): the datagrams of one buffer, each ``segment`` bytes.
 """
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ CID_LENGTH = 8
 #: Request streams a tunnel client lets reverstd have open at once: reverstd's 100 plain
 #: requests and its WebSockets (reverst.server). Go's reverst and the libraries allow ~100.
 REQUEST_STREAMS = 1024
+
+def coalesced_count(buffer: bytes, segment: int) -> int:
+    """How many datagrams a coalesced read holds: each ``segment`` bytes, the last one
+    shorter or equal."""
+    return -(-len(buffer) // segment)
+
+
+def split_coalesced(buffer: bytes, segment: int) -> list[bytes]:
+    """The datagrams of a coalesced read, each a copy."""
+    return [buffer[i:i + segment] for i in range(0, len(buffer), segment)]
+
 
 QUIC_V1 = 0x00000001
 QUIC_V2 = 0x6B3343CF

@@ -47,7 +47,7 @@ from qh3.quic.packet import pull_quic_transport_parameters, push_quic_transport_
 
 from ..http3 import MAX_HEADERS_FRAME, ReversedRoles
 from ..protocol import ALPN, AppErrorCode
-from ._common import Liveness, stateless_reset_token
+from ._common import Liveness, coalesced_count, split_coalesced, stateless_reset_token
 
 NAME = "qh3"
 #: qh3 2.1's server cannot answer a client whose source connection id is empty, as
@@ -376,8 +376,7 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         """Datagrams the kernel coalesced (UDP GRO), split in the native core: no copy of
         each datagram in Python, one call per buffer."""
         if not self._handshake_complete or self._core is None:  # (qh3 would split it too)
-            self.receive_datagrams([buffer[i:i + segment_size] for i in range(0, len(buffer), segment_size)],
-                                   addr, now)
+            self.receive_datagrams(split_coalesced(buffer, segment_size), addr, now)
             return
         self._heard_from_peer(now)
         was_open = self._close_event is None
@@ -386,7 +385,7 @@ class TunnelQuicConnection(Liveness, QuicConnection):
         else:  # (qh3's method slices each datagram out for its logger, wanted or not)
             self._call_core(self._core.receive_gro_buffer, buffer, segment_size, self._normalize_address(addr), now)
             self._drain_core()
-        self._received(-(-len(buffer) // segment_size), was_open)
+        self._received(coalesced_count(buffer, segment_size), was_open)
 
     def _received(self, count: int, was_open: bool) -> None:
         self._relabel_stateless_reset(was_open)
