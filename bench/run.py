@@ -139,24 +139,24 @@ class Proc:
             return 0.0
 
     def rss_mb(self) -> float:
-        try:
-            with open(f"/proc/{self.popen.pid}/statm") as fh:
-                return int(fh.read().split()[1]) * PAGE / 1e6
-        except OSError:
-            return 0.0
+        return self.memory_mb()[0]
 
-    def anon_mb(self) -> float:
-        """The anonymous part of the RSS (heaps, stacks): the RSS without the pages of the
-        files a process maps (its executable and shared libraries), which the kernel can
-        drop and read again, and which processes running the same files share."""
+    def memory_mb(self) -> tuple[float, float]:
+        """(RSS, its anonymous part) in MB, 0 where the process is gone. The anonymous part
+        (heaps, stacks) is the RSS without the pages of the files a process maps (its
+        executable and shared libraries), which the kernel can drop and read again, and
+        which processes running the same files share."""
+        rss = anon = 0.0
         try:
             with open(f"/proc/{self.popen.pid}/status") as fh:
                 for line in fh:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) * 1024 / 1e6
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1]) * 1024 / 1e6
+                    elif line.startswith("RssAnon:"):
+                        anon = int(line.split()[1]) * 1024 / 1e6
         except OSError:
             pass
-        return 0.0
+        return rss, anon
 
     def stop(self):
         if self.popen.poll() is None:
@@ -232,6 +232,11 @@ class Profiler:
                 print(f"  profile {name}: {profile_headline(out)}", flush=True)
 
 
+def _short_frame(frame: str) -> str:
+    """A py-spy frame with its file's directory and line number dropped: ``f (file.py)``."""
+    return re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", frame)
+
+
 def profile_headline(path, top=8) -> str:
     """The files and functions with the most self samples in a py-spy raw (collapsed) file;
     with native frames (``--native``), also the time in the C library counted to the code
@@ -245,9 +250,9 @@ def profile_headline(path, top=8) -> str:
         leaf = frames[-1]
         if "(libc.so" in leaf:
             caller = next((f for f in reversed(frames) if "(libc.so" not in f), "?")
-            caller = re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", caller).rpartition(" (")[2].rstrip(")")
+            caller = _short_frame(caller).rpartition(" (")[2].rstrip(")")
             callers[caller] = callers.get(caller, 0) + int(count)
-        leaf = re.sub(r" \((?:.*/)?([^/]+?)(?::\d+)?\)$", r" (\1)", leaf)
+        leaf = _short_frame(leaf)
         own[leaf] = own.get(leaf, 0) + int(count)
         file = leaf.rpartition(" (")[2].rstrip(")") or "?"
         files[file] = files.get(file, 0) + int(count)
@@ -302,19 +307,20 @@ class Sampler:
 
     def __init__(self, procs):
         self.procs = procs
-        self.peak = {p.name: p.rss_mb() for p in procs}
+        now = {p.name: p.memory_mb() for p in procs}
+        self.peak = {name: rss for name, (rss, _) in now.items()}
         self.peak_total = sum(self.peak.values())
-        self.peak_anon_total = sum(p.anon_mb() for p in procs)
+        self.peak_anon_total = sum(anon for _, anon in now.values())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(0.05):
-            now = {p.name: p.rss_mb() for p in self.procs}
-            for name, rss in now.items():
+            now = {p.name: p.memory_mb() for p in self.procs}
+            for name, (rss, _) in now.items():
                 self.peak[name] = max(self.peak[name], rss)
-            self.peak_total = max(self.peak_total, sum(now.values()))
-            self.peak_anon_total = max(self.peak_anon_total, sum(p.anon_mb() for p in self.procs))
+            self.peak_total = max(self.peak_total, sum(rss for rss, _ in now.values()))
+            self.peak_anon_total = max(self.peak_anon_total, sum(anon for _, anon in now.values()))
 
     def __enter__(self):
         self.cpu0 = {p.name: p.cpu_seconds() for p in self.procs}
