@@ -6,10 +6,11 @@ This client does only what a forwarding proxy needs: one send for the request
 head (and a small body), responses parsed by llhttp (``httptools``, C), bodies handed
 on chunk by chunk as they arrive, never decoded, redirects never followed.
 
-``socket``, ``ssl`` and ``select`` are looked up at call time, never captured at import:
-``reverst expose`` monkey-patches them (gevent) after building its ``LocalProxy``, and the
-same code must also run unpatched in native threads.  The pool is a ``deque`` (atomic
-``append``/``pop``), safe for both.
+A pool made ``cooperative`` uses gevent's sockets, ``select`` and TLS (``reverst expose``
+runs its ``LocalProxy`` so, in greenlets, without monkey-patching the process); otherwise
+``socket``, ``ssl`` and ``select`` are looked up at call time, never captured at import, so
+that the same code runs in native threads and in a process its owner monkey-patched.  The
+pool is a ``deque`` (atomic ``append``/``pop``), safe for both.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import socket
 import ssl
 
 import httptools
+from gevent import select as gevent_select, socket as gevent_socket
 
 from .http1 import send_all
 
@@ -70,8 +72,9 @@ class Pool:
     """
 
     def __init__(self, scheme: str, host: str, port: int, *, timeout: float, connect_timeout: float,
-                 verify: bool = True, maxsize: int = 100) -> None:
+                 verify: bool = True, maxsize: int = 100, cooperative: bool = False) -> None:
         self.host, self.port = host, port
+        self.cooperative = cooperative
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self._tls = scheme == "https"
         self._verify = verify
@@ -156,7 +159,7 @@ class Pool:
                 sock = self._idle.pop()
             except IndexError:
                 return None
-            if not check or not select.select([sock], [], [], 0)[0]:
+            if not check or not self._select([sock], [], [], 0)[0]:
                 return sock
             sock.close()  # readable while idle: EOF (or junk), not reusable
 
@@ -168,7 +171,7 @@ class Pool:
 
     def _connect(self):
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            sock = self._create_connection((self.host, self.port), timeout=self.connect_timeout)
         except OSError as exc:
             raise ConnectError(str(exc) or type(exc).__name__) from None
         try:
@@ -183,10 +186,21 @@ class Pool:
                 raise ConnectError(f"TLS handshake: {exc}") from None
             raise SSLError(str(exc) or type(exc).__name__) from None
 
+    def _select(self, *args):
+        return (gevent_select if self.cooperative else select).select(*args)
+
+    def _create_connection(self, address, timeout: float):
+        return (gevent_socket if self.cooperative else socket).create_connection(address, timeout=timeout)
+
     def _ssl_context(self):
-        # Built on first use, so that it is gevent's SSLContext once `expose` has patched.
+        # Built on first use: in a process patched meanwhile, ssl's context is gevent's.
         if self._context is None:
-            context = ssl.create_default_context()
+            if self.cooperative:  # what create_default_context() builds, as gevent's class
+                from gevent import ssl as gevent_ssl
+                context = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.load_default_certs()
+            else:
+                context = ssl.create_default_context()
             if not self._verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE

@@ -353,12 +353,10 @@ def _cooperative() -> None:
 def _run_client(app, description: str, opts: dict, threads: int) -> None:
     """Serve ``app`` until a signal (graceful stop, exit 0) or a fatal registration error (exit 2).
 
-    ``threads=0`` runs requests in greenlets; the process's sockets are then made
-    cooperative first (gevent monkey-patching, as gunicorn's gevent worker does), which
-    suits the port forwarder: it blocks only on sockets.
+    ``threads=0`` runs requests in greenlets: the port forwarder's own sockets are gevent's
+    (``LocalProxy(cooperative=True)``); ``reverst wsgi --threads 0`` monkey-patches the
+    process before it imports the app.
     """
-    if threads == 0:
-        _cooperative()
     _malloc.fix_mmap_threshold()
     from .client import Client
     group = opts["tunnel_group"] or opts["server_name"]
@@ -405,7 +403,8 @@ def expose_command(addr, rewrite_host, local_timeout, local_insecure, **opts):
     _setup_logging(opts["log"], opts["log_format"])
     from .proxy import LocalProxy
     try:
-        proxy = LocalProxy(addr, rewrite_host=rewrite_host, timeout=local_timeout, verify=not local_insecure)
+        proxy = LocalProxy(addr, rewrite_host=rewrite_host, timeout=local_timeout, verify=not local_insecure,
+                           cooperative=True)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="ADDR") from None
     _run_client(proxy, proxy.target, opts, threads=0)

@@ -1,7 +1,7 @@
 """A WSGI application that forwards every request to a local HTTP service.
 
-``reverst expose 8080`` is the tunnel client serving ``LocalProxy("http://127.0.0.1:8080")``
-in greenlets (sockets made cooperative by gevent); it also works in native threads.
+``reverst expose 8080`` is the tunnel client serving ``LocalProxy("http://127.0.0.1:8080",
+cooperative=True)`` in greenlets (gevent's sockets); it also works in native threads.
 It keeps connections to the local service alive (:mod:`reverst._http1client`, a small
 HTTP/1.1 client on llhttp: urllib3 cost ~40% of the client's CPU on small requests) and
 streams both ways: the request body is read from ``wsgi.input`` as it arrives, response
@@ -81,11 +81,15 @@ class LocalProxy:
     ``timeout`` is the read timeout (a silent local service gives ``504``),
     ``connect_timeout`` the TCP (and TLS handshake) one, ``verify=False`` skips the
     certificate check of an https target, ``pool_size`` is how many idle keep-alive
-    connections are kept.
+    connections are kept. ``cooperative=True``: its connections to the local service are
+    gevent's sockets, for a proxy served in greenlets (``app_threads=0``) in a process that
+    is not monkey-patched, as ``reverst expose`` serves it; otherwise they are the
+    ``socket`` module's, for native threads (or a process its owner patched).
     """
 
     def __init__(self, target: str, *, rewrite_host: bool = False, timeout: float = 60.0,
-                 connect_timeout: float = 5.0, verify: bool = True, pool_size: int = 100) -> None:
+                 connect_timeout: float = 5.0, verify: bool = True, pool_size: int = 100,
+                 cooperative: bool = False) -> None:
         self.target = parse_target(target)
         parts = urlsplit(self.target)
         self._netloc = parts.netloc
@@ -95,7 +99,7 @@ class LocalProxy:
         self._pool = http1.Pool(parts.scheme, parts.hostname,
                                 parts.port or (443 if parts.scheme == "https" else 80),
                                 timeout=timeout, connect_timeout=connect_timeout, verify=verify,
-                                maxsize=pool_size)
+                                maxsize=pool_size, cooperative=cooperative)
 
     def __repr__(self) -> str:
         return f"<LocalProxy {self.target}>"
@@ -327,7 +331,7 @@ class LocalProxy:
 def _relay_sockets(local, tunnel) -> None:
     """Bytes both ways between the local service's socket and the tunnel's, until both
     ended (each end's close is passed on as a half-close) or one broke (both are cut)."""
-    import gevent  # expose runs in greenlets (sockets made cooperative)
+    import gevent  # expose runs in greenlets (the pool's sockets are gevent's)
 
     def pipe(read, write, end) -> None:
         try:

@@ -79,7 +79,7 @@ def test_defaults(run):
         assert opts[name] is None, name
     assert call["app"].target == "http://127.0.0.1:8080"
     assert call["description"] == "http://127.0.0.1:8080"
-    assert call["proxy_kwargs"] == {"rewrite_host": False, "timeout": 60.0, "verify": True}
+    assert call["proxy_kwargs"] == {"rewrite_host": False, "timeout": 60.0, "verify": True, "cooperative": True}
 
 
 def test_env_overrides_default(run):
@@ -99,7 +99,7 @@ def test_env_overrides_default(run):
     assert opts["connections"] == 3
     assert opts["insecure"] is True
     assert (opts["username"], opts["password"], opts["log"]) == ("u", "p", "debug")
-    assert call["proxy_kwargs"] == {"rewrite_host": True, "timeout": 5.0, "verify": False}
+    assert call["proxy_kwargs"] == {"rewrite_host": True, "timeout": 5.0, "verify": False, "cooperative": True}
 
 
 CONFIG = """\
@@ -416,4 +416,4 @@ def test_expose_only_flags_read_their_env_vars(run):
                        env={"REVERST_REWRITE_HOST": "true", "REVERST_LOCAL_TIMEOUT": "3s",
                             "REVERST_LOCAL_INSECURE": "1"})
     assert result.exit_code == 0, result.output
-    assert call["proxy_kwargs"] == {"rewrite_host": True, "timeout": 3.0, "verify": False}
+    assert call["proxy_kwargs"] == {"rewrite_host": True, "timeout": 3.0, "verify": False, "cooperative": True}

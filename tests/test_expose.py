@@ -820,3 +820,44 @@ def test_in_threads_local_service_down_and_timeout():
         status, _, body = call(proxy, "GET", "/slow?s=2")
         assert status == "504 Gateway Timeout" and b"timed out" in body
         assert time.monotonic() - start < 1.5
+
+
+# -- LocalProxy in greenlets of this (unpatched) process, as `reverst expose` runs it ------------
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_cooperative_proxy_in_greenlets_overlaps_requests_without_monkey_patching(scheme, certs):
+    """``cooperative=True``: the pool's sockets are gevent's, so four requests to a local
+    service that takes 0.5 s each overlap in greenlets, and the hub keeps running meanwhile
+    (this process's socket module is not patched: blocking sockets would take 2 s in a row)."""
+    import ssl
+
+    import gevent
+    from gevent import monkey
+    assert not monkey.is_module_patched("socket")
+    tls = None
+    if scheme == "https":
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(certs["cert"], certs["key"])
+    with local_server(tls=tls) as srv:
+        proxy = LocalProxy(f"{scheme}://127.0.0.1:{srv.server_address[1]}", cooperative=True, verify=False,
+                           timeout=5)
+        ticks = []
+
+        def tick():
+            while True:
+                ticks.append(time.monotonic())
+                gevent.sleep(0.05)
+        ticker = gevent.spawn(tick)
+        start = time.monotonic()
+        calls = [gevent.spawn(call, proxy, "GET", f"/slow?s=0.5&i={i}") for i in range(4)]
+        try:
+            done = gevent.joinall(calls, timeout=10)
+        finally:
+            ticker.kill()
+        elapsed = time.monotonic() - start
+        assert len(done) == 4 and [c.value[2] for c in calls] == [b"slept 0.5"] * 4
+        assert elapsed < 1.5  # overlapped (in a row: 2 s)
+        assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.3  # the hub was never blocked
+        assert srv.connections == 4  # one connection each, kept alive
+        assert call(proxy, "GET", "/hello")[2] == b"Hello, local!"
+        assert srv.connections == 4
+        proxy.close()
