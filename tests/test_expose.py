@@ -598,7 +598,7 @@ def test_uploads_move_to_the_other_tunnel_when_one_stops(local, expose, server):
 
 
 def test_four_connections_register_and_share_the_requests(local, expose, server):
-    p = expose(local, extra=["--connections", "4"])
+    expose(local, extra=["--connections", "4"])
     deadline = time.monotonic() + 10
     peers: set[str] = set()
     while len(peers) < 4 and time.monotonic() < deadline:
