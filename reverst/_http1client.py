@@ -195,7 +195,7 @@ class Pool:
     def _ssl_context(self):
         # Built on first use: in a process patched meanwhile, ssl's context is gevent's.
         if self._context is None:
-            if self.cooperative:  # what create_default_context() builds, as gevent's class
+            if self.cooperative:  # create_default_context()'s context (less its SSLKEYLOGFILE hook), gevent's class
                 from gevent import ssl as gevent_ssl
                 context = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 context.load_default_certs()
