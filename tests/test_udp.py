@@ -7,6 +7,7 @@ import gevent
 import pytest
 
 from reverst._transport import RECV_BATCH_DATAGRAMS, Endpoint
+from reverst.quic._common import split_coalesced
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux UDP offloads")
 
@@ -53,8 +54,7 @@ def test_coalesced_receives_hold_the_datagrams_sent_at_their_segment_size():
         data, _ = target._recv_coalesced(65536)
         reads += 1
         if isinstance(data, tuple):  # (buffer, segment size): split as the QUIC backends do
-            buffer, segment = data
-            got.extend(buffer[i:i + segment] for i in range(0, len(buffer), segment))
+            got.extend(split_coalesced(*data))
         else:
             got.append(data)
     sender.close()
