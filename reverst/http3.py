@@ -44,6 +44,7 @@ H3_ERROR_NAMES = {
     0x202: "QPACK_DECODER_STREAM_ERROR",
 }
 
+FRAME_SETTINGS = 0x4  # RFC 9114 §7.2.4
 SETTINGS_MAX_FIELD_SECTION_SIZE = 0x6  # RFC 9114 §7.2.4.1
 #: The largest response field section reverstd takes from a tunnel, by RFC 9114 §4.2.2's
 #: measure (each field's name and value plus 32 bytes); it says so in its SETTINGS. A
@@ -77,8 +78,8 @@ class ReversedRoles:
 
     The backend's subclass sets ``_stream_class`` (its library's H3Stream),
     ``_message_error`` (its MessageError), ``_stream_errors`` (what fails just one
-    message: MessageError and its "field section too large", where it has one) and
-    :meth:`_no_dynamic_table_decoder`, and bounds an encoded HEADERS frame to
+    message: MessageError and its "field section too large", where it has one),
+    :meth:`_no_dynamic_table_decoder` and :meth:`_static_table_encoder`, and bounds an encoded HEADERS frame to
     MAX_HEADERS_FRAME before it is buffered.
     """
 
@@ -114,6 +115,20 @@ class ReversedRoles:
 
     def _no_dynamic_table_decoder(self):
         raise NotImplementedError
+
+    def _static_table_encoder(self):
+        """A QPACK encoder of the library that inserts nothing in a dynamic table."""
+        raise NotImplementedError
+
+    def _handle_control_frame(self, frame_type: int, frame_data: bytes):
+        events = super()._handle_control_frame(frame_type, frame_data)
+        if frame_type == FRAME_SETTINGS:
+            # The library has set its encoder up with the dynamic table the peer allows
+            # (none, from our peers and Go's). Ours uses the static table alone, whatever
+            # the peer allows (RFC 9204 lets an encoder never insert): it then holds
+            # nothing the peer's decoder depends on, and a backend may replace it at will.
+            self._encoder = self._static_table_encoder()
+        return events
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()

@@ -421,6 +421,9 @@ class ReversedH3Connection(ReversedRoles, H3Connection):
     def _no_dynamic_table_decoder(self):
         return pylsqpack.Decoder(0, 0)
 
+    def _static_table_encoder(self):
+        return pylsqpack.Encoder()  # (never configured: no dynamic table)
+
     def _check_control_frame_type(self, frame_type: int) -> None:
         super()._check_control_frame_type(frame_type)
         if frame_type == FrameType.GOAWAY:  # (aioquic skips its payload: that it came is enough)
