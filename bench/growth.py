@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -104,28 +102,18 @@ def main() -> None:
     bench.compile_package()
 
     results, skipped = [], {}
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-growth-"))
-    tmp.chmod(0o755)  # nginx workers run as another user
-    try:
-        with bench.Procs() as procs:
-            ca, cert, key = bench.make_certs(tmp / "certs")
-            backend = bench.start_backend(tmp, procs)
-            setup = bench.Setup(tmp, ca, cert, key, backend, 1452, 4)
-            specs = ([] if go_problem else [bench.go_stack_spec(args.go_peers, setup)]) + \
-                [bench.our_stack_spec(b, setup) for b in backends]
-            for spec in specs:  # one stack at a time: each has the machine to itself
-                for stack in bench.launch_stacks([spec], procs, skipped):
-                    try:
-                        for target in stack.targets:
-                            time.sleep(1.0)
-                            results.append(drive(stack, target, args))
-                    except RuntimeError as exc:
-                        skipped[stack.name] = str(exc)
-                        print(f"stack {stack.name}: {exc}", flush=True)
-                    finally:
-                        stack.stop()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with bench.stack_specs("reverst-growth-", args.go_peers, go_problem, backends, 4) as (procs, specs):
+        for spec in specs:  # one stack at a time: each has the machine to itself
+            for stack in bench.launch_stacks([spec], procs, skipped):
+                try:
+                    for target in stack.targets:
+                        time.sleep(1.0)
+                        results.append(drive(stack, target, args))
+                except RuntimeError as exc:
+                    skipped[stack.name] = str(exc)
+                    print(f"stack {stack.name}: {exc}", flush=True)
+                finally:
+                    stack.stop()
 
     print_table(results)
     out = pathlib.Path(args.json)

@@ -22,10 +22,8 @@ import argparse
 import http.client
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -118,32 +116,22 @@ def main() -> None:
     bench.interrupt_on_sigterm()
 
     rows = []
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="reverst-memory-"))
-    tmp.chmod(0o755)  # nginx workers run as another user
-    try:
-        with bench.Procs() as procs:
-            ca, cert, key = bench.make_certs(tmp / "certs")
-            backend = bench.start_backend(tmp, procs)
-            setup = bench.Setup(tmp, ca, cert, key, backend, 1452, 100)
-            specs = ([] if go_problem else [bench.go_stack_spec(args.go_peers, setup)]) + \
-                [bench.our_stack_spec(b, setup) for b in backends]
-            skipped: dict = {}
-            for stack in bench.launch_stacks(specs, procs, skipped):
-                for target in stack.targets:
-                    small_gets(stack.http_port, target.host, args.requests)
-                time.sleep(1.0)
-                server = smaps(stack.server.popen.pid)
-                rows.append({"stack": stack.name, "process": "reverstd", **server})
-                for target in stack.targets:
-                    client = smaps(target.proc.popen.pid)
-                    rows.append({"stack": stack.name, "process": target.client, **client})
-                    rows.append({"stack": stack.name, "process": f"reverstd + {target.client}",
-                                 **{k: server[k] + client[k] for k in server}})
-                stack.stop()
-            if skipped:
-                print(f"stacks that did not start: {skipped}", flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    skipped: dict = {}
+    with bench.stack_specs("reverst-memory-", args.go_peers, go_problem, backends, 100) as (procs, specs):
+        for stack in bench.launch_stacks(specs, procs, skipped):
+            for target in stack.targets:
+                small_gets(stack.http_port, target.host, args.requests)
+            time.sleep(1.0)
+            server = smaps(stack.server.popen.pid)
+            rows.append({"stack": stack.name, "process": "reverstd", **server})
+            for target in stack.targets:
+                client = smaps(target.proc.popen.pid)
+                rows.append({"stack": stack.name, "process": target.client, **client})
+                rows.append({"stack": stack.name, "process": f"reverstd + {target.client}",
+                             **{k: server[k] + client[k] for k in server}})
+            stack.stop()
+        if skipped:
+            print(f"stacks that did not start: {skipped}", flush=True)
 
     print(f"\nAt rest after {args.requests} small GETs through each client (MB, /proc/PID/smaps_rollup):\n")
     print("| stack | process | RSS | PSS | shared (file-backed) | private | threads |")

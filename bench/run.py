@@ -596,6 +596,25 @@ def our_stack_spec(quic: str, setup: Setup) -> StackSpec:
                                     ClientSpec("wsgi", "bench.wsgi", wsgi, r"^ready$")], python=True)
 
 
+@contextlib.contextmanager
+def stack_specs(prefix: str, go_dir: pathlib.Path, go_problem: str | None, backends: list[str],
+                app_threads: int, datagram_size: int = 1452):
+    """For a benchmark that starts stacks itself: a temporary directory, certificates, the
+    backend and every stack's spec (Go's unless ``go_problem``), as ``(procs, specs)``.
+    On exit every process started in ``procs`` is stopped and the directory removed."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(0o755)  # nginx workers run as another user
+    try:
+        with Procs() as procs:
+            ca, cert, key = make_certs(tmp / "certs")
+            backend = start_backend(tmp, procs)
+            setup = Setup(tmp, ca, cert, key, backend, datagram_size, app_threads)
+            yield procs, ([] if go_problem else [go_stack_spec(go_dir, setup)]) + \
+                [our_stack_spec(b, setup) for b in backends]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def launch_stack(spec: StackSpec, procs: Procs) -> Stack:
     """Start the server, then each client, each ready (logged, and a request routed through it)."""
     tunnel_port, http_port = free_port(socket.SOCK_DGRAM), free_port()
