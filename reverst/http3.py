@@ -79,8 +79,8 @@ class ReversedRoles:
     The backend's subclass sets ``_stream_class`` (its library's H3Stream),
     ``_message_error`` (its MessageError), ``_stream_errors`` (what fails just one
     message: MessageError and its "field section too large", where it has one),
-    :meth:`_no_dynamic_table_decoder` and :meth:`_static_table_encoder`, and bounds an encoded HEADERS frame to
-    MAX_HEADERS_FRAME before it is buffered.
+    :meth:`_no_dynamic_table_decoder` and :meth:`_static_table_encoder`, and bounds an
+    encoded HEADERS frame to MAX_HEADERS_FRAME before it is buffered.
     """
 
     _stream_class: type
