@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 import sys
 import time
 
@@ -33,14 +34,12 @@ import run as bench  # noqa: E402  (bench/run.py: processes, certificates, stack
 
 
 def slope(points: list[tuple[int, float]]) -> float:
-    """Least-squares slope of (requests, MB) points, in MB per 100,000 requests."""
-    n = len(points)
-    if n < 2:
+    """Least-squares slope of (requests, MB) points, in MB per 100,000 requests (0 where
+    there are fewer than two points or the request counts do not vary)."""
+    try:
+        return statistics.linear_regression(*zip(*points)).slope * 100_000
+    except (statistics.StatisticsError, TypeError):  # (TypeError: no points at all)
         return 0.0
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    var = sum((x - mx) ** 2 for x, _ in points)
-    return 0.0 if not var else sum((x - mx) * (y - my) for x, y in points) / var * 100_000
 
 
 def drive(stack, target, args, out=print) -> dict:
